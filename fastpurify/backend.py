@@ -44,7 +44,7 @@ class BackendUnavailableError(RuntimeError):
 # --------------------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _extension() -> Tuple[Optional[object], Optional[str]]:
     """Import ``fastpurify._C`` once; return (module, None) or (None, why-not)."""
     try:
@@ -67,7 +67,7 @@ def extension_has_cuda() -> bool:
     return bool(mod is not None and mod.has_cuda())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton() -> Tuple[Optional[str], Optional[str]]:
     """(triton version, None) or (None, why-not)."""
     try:
@@ -230,8 +230,8 @@ def info() -> dict:
     gpu = None
     if cuda_available():
         props = torch.cuda.get_device_properties(0)
-        gpu = {"name": props.name, "count": torch.cuda.device_count(), "memory_gib": round(props.total_memory / 2**30, 1),
-               "capability": f"{props.major}.{props.minor}"}
+        gpu = {"name": props.name, "count": torch.cuda.device_count(),
+               "memory_gib": round(props.total_memory / 2**30, 1), "capability": f"{props.major}.{props.minor}"}
     devices = ["cpu"] + (["cuda"] if gpu else [])
     ops = {}
     for name, spec in sorted(registered_ops().items()):
