@@ -1,11 +1,34 @@
 """fastpurify: purify backdoored PyTorch image classifiers fast.
 
-Importing fastpurify needs no compiled extension, no GPU and no Triton (DESIGN.md rule 4); missing pieces
-raise at call time with the command that fixes them. ``fastpurify.info()`` says what is available.
+``fastpurify.sau / ibau / awm / baerase / bcu(model, clean_data, ...)`` purify a model and return a
+:class:`PurifyResult`; ``fastpurify.SAU(...)`` etc. are the class forms. Importing fastpurify needs no
+compiled extension, no GPU and no Triton (DESIGN.md rule 4); missing pieces raise at call time with the
+command that fixes them. ``fastpurify.info()`` says what is available.
+
+Example::
+
+    >>> import fastpurify                                             # doctest: +SKIP
+    >>> result = fastpurify.ibau(model, (x, y), eval_data=(x_test, y_test, trigger, target))
+    >>> result.model, result.history[-1], result.timings["defense"]
 """
+
+import importlib
 
 __version__ = "0.1.0"
 
 from .backend import BackendUnavailableError, info  # noqa: E402
+from .defenses import AWM, BAERASE, BCU, DEFENSES, IBAU, SAU, EvalSet, PurifyResult  # noqa: E402
 
-__all__ = ["__version__", "info", "BackendUnavailableError"]
+_SUBMODULES = ("backend", "cli", "data", "defenses", "kernels", "metrics", "models", "ops", "reference", "testing",
+               "train", "triggers")
+
+__all__ = ["__version__", "info", "BackendUnavailableError", "PurifyResult", "EvalSet", *DEFENSES,
+           "SAU", "IBAU", "AWM", "BAERASE", "BCU"]
+
+
+def __getattr__(name):
+    if name in DEFENSES:
+        return getattr(importlib.import_module(".defenses", __name__), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'fastpurify' has no attribute {name!r}")

@@ -265,4 +265,5 @@ def info() -> dict:
         "gpu": gpu,
         "backend_env": os.environ.get(ENV_VAR) or None,
         "ops": ops,
+        "defenses": importlib.import_module("fastpurify.defenses").status(),
     }

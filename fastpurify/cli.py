@@ -51,6 +51,7 @@ def _cmd_info(args) -> int:
           else "gpu: none (CUDA not available to torch)")
     if data["backend_env"]:
         print(f"FASTPURIFY_BACKEND={data['backend_env']}")
+    print("defenses: " + "; ".join(f"{k}: {v}" for k, v in data["defenses"].items()))
     for op, per in data["ops"].items():
         print(f"\nop {op}: {per['doc']}")
         for dev in ("cpu", "cuda"):

@@ -26,3 +26,25 @@ def pytest_collection_modifyitems(config, items):
 def _no_backend_env(monkeypatch):
     """Tests choose backends explicitly; a FASTPURIFY_BACKEND in the caller's shell must not leak in."""
     monkeypatch.delenv("FASTPURIFY_BACKEND", raising=False)
+
+
+@pytest.fixture(scope="session")
+def backdoored():
+    """A backdoored SmallVGG on the synthetic data, trained once per session (~30 s on 2 CPU cores):
+    ACC ~97 % and ASR ~97 % (BadNets 4x4 patch, target 0, 10 % poisoning). The defender's clean set is a
+    disjoint draw of 500 images; the test set 500 more."""
+    from fastpurify.data import synthetic_dataset
+    from fastpurify.metrics import evaluate
+    from fastpurify.train import train_backdoored
+    from fastpurify.triggers import PatchTrigger
+
+    x, y = synthetic_dataset(n=3000, seed=0)
+    trigger = PatchTrigger(4, 27, 27, 1.0)
+    model, _ = train_backdoored("small_vgg", x, y, trigger=trigger, target=0, poison_rate=0.1, epochs=4,
+                                augment=False, seed=0)
+    xc, yc = synthetic_dataset(n=500, seed=5)
+    xt, yt = synthetic_dataset(n=500, seed=0, split="test")
+    before = evaluate(model, xt, yt, trigger=trigger, target=0)
+    assert before.acc > 85 and before.asr > 85, f"fixture model not backdoored enough: {before}"
+    return {"model": model.eval(), "x": xc, "y": yc, "x_test": xt, "y_test": yt, "trigger": trigger, "target": 0,
+            "before": before}

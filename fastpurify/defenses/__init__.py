@@ -1,0 +1,67 @@
+"""The five defenses behind one call each: ``fastpurify.sau(model, clean_data, ...)`` etc.
+
+Until the fast paths land (fastpurify/defenses/<name>.py on fastpurify's ops), these entry points run the
+faithful eager references of :mod:`fastpurify.reference.defenses`; ``fastpurify info`` says which path each
+defense takes.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Dict
+
+from ._loop import EvalSet, PurifyResult
+
+DEFENSES = ("sau", "ibau", "awm", "baerase", "bcu")
+CLASSES = {"SAU": "sau", "IBAU": "ibau", "AWM": "awm", "BAERASE": "baerase", "BCU": "bcu"}
+FAST_PATHS: Dict[str, bool] = {name: False for name in DEFENSES}  # True once fastpurify/defenses/<name>.py exists
+
+
+def _function(name: str):
+    if FAST_PATHS[name]:
+        return getattr(importlib.import_module(f"{__name__}.{name}"), name)
+    return getattr(importlib.import_module(f"fastpurify.reference.defenses.{name}"), name)
+
+
+def status() -> Dict[str, str]:
+    """Which implementation ``fastpurify.<defense>`` runs, for ``fastpurify info``."""
+    return {n: ("fast path" if FAST_PATHS[n] else "reference (eager port; fast path not implemented yet)")
+            for n in DEFENSES}
+
+
+class Defense:
+    """Class form of a defense: holds a configuration, then purifies any number of models.
+
+    Example::
+
+        >>> purifier = fastpurify.IBAU(epochs=2, batch_size=100)      # doctest: +SKIP
+        >>> result = purifier(model, (x, y), eval_data=(xt, yt))
+    """
+
+    name = ""
+
+    def __init__(self, **options: Any) -> None:
+        self.options = options
+
+    def __call__(self, model, clean_data, **overrides: Any) -> PurifyResult:
+        return _function(self.name)(model, clean_data, **{**self.options, **overrides})
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return f"{type(self).__name__}({opts})"
+
+
+def _make_class(cls_name: str, fn_name: str):
+    return type(cls_name, (Defense,), {"name": fn_name, "__doc__": f"Class form of ``fastpurify.{fn_name}``."})
+
+
+SAU, IBAU, AWM, BAERASE, BCU = (_make_class(c, f) for c, f in CLASSES.items())
+
+
+def __getattr__(name: str):
+    if name in DEFENSES:
+        return _function(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["DEFENSES", "EvalSet", "PurifyResult", "status", *DEFENSES, *CLASSES]

@@ -1,0 +1,338 @@
+"""The one loop helper every defense (reference and fast) runs in (DESIGN.md rule 9).
+
+It owns what is not the algorithm: checking the inputs, copying the model, seeding, the progress bar,
+per-round history, evaluation on ``eval_data`` every ``eval_every`` rounds (timed apart from the defense),
+the finite-loss guard, timings per phase, and the time budget. A defense is a function
+``algorithm(net, data, cfg, loop)`` that reaches its data only through ``loop.batches`` and changes weights
+only through ``loop.step(optimizer)``, so that multi-GPU runs can be added here without touching it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import math
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ._inputs import CleanData, Normalize, check_normalization, prepare
+
+STATUSES = ("completed", "budget_exhausted")
+
+
+@dataclass
+class EvalSet:
+    """Held-out data to evaluate on during a defense: clean ``(x, y)`` and, optionally, the attack's trigger
+    and target for ASR/RA. Never shown to the defense itself."""
+
+    x: Tensor
+    y: Tensor
+    trigger: Optional[Callable[[Tensor], Tensor]] = None
+    target: Optional[int] = None
+
+
+@dataclass
+class PurifyResult:
+    """What a defense returns.
+
+    ``model``: the purified model (a copy unless ``inplace=True``), in the train/eval mode and on the device
+    the input model had. ``history``: one dict per round (losses; ACC/ASR/RA when evaluated). ``timings``:
+    seconds per phase; ``defense`` excludes evaluation, ``eval`` is evaluation alone. ``status``:
+    ``"completed"`` or ``"budget_exhausted"``. ``config``: the hyper-parameters used. ``info``: per-defense
+    extras (e.g. BAERASE's per-class scores, BCU's layer groups).
+    """
+
+    model: nn.Module
+    history: List[Dict[str, Any]]
+    timings: Dict[str, float]
+    status: str
+    defense: str
+    config: Dict[str, Any]
+    info: Dict[str, Any] = field(default_factory=dict)
+    schedule: Dict[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        last = self.history[-1] if self.history else {}
+        shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in last.items()}
+        return (f"PurifyResult(defense={self.defense!r}, status={self.status!r}, rounds={len(self.history)}, "
+                f"defense_seconds={self.timings.get('defense', 0.0):.1f}, last={shown})")
+
+
+class Loop:
+    """Round iterator with progress, history, evaluation cadence, finite guard, phase timings and budget.
+
+    Usage inside a defense::
+
+        for r in loop.rounds():
+            for idx in loop.batches(len(data), cfg.batch_size):
+                with loop.phase("unlearn"):
+                    loss = ...
+                    loop.check_finite(loss)
+                    loop.step(optimizer, loss)
+            loop.log(loss=loss)
+    """
+
+    def __init__(self, name: str, rounds: int, *, device: torch.device, seed: int, progress: bool,
+                 time_budget: Optional[float], eval_fn: Optional[Callable[[], Dict[str, float]]], eval_every: int,
+                 sync_checks: bool = True) -> None:
+        self.name = name
+        self.total_rounds = rounds
+        self.device = device
+        self.progress = progress and sys.stderr.isatty()
+        self.time_budget = time_budget
+        self.eval_fn = eval_fn
+        self.eval_every = eval_every
+        self.sync_checks = sync_checks  # references check every loss at once (they sync anyway)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.history: List[Dict[str, Any]] = []
+        self.timings: Dict[str, float] = defaultdict(float)
+        self.status = "completed"
+        self.round = -1
+        self.step_in_round = 0
+        self._pending: Dict[str, Any] = {}
+        self._bad_step: Optional[Tensor] = None
+        self._start = None
+        self._eval_seconds = 0.0
+
+    # ------------------------------------------------------------------------------------------- timing
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        """Time a phase of the defense (synchronising the GPU at its ends so the time is the work's)."""
+        self._sync()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.timings[name] += time.perf_counter() - t0
+
+    def elapsed(self) -> float:
+        """Seconds of defense so far (evaluation excluded)."""
+        return 0.0 if self._start is None else time.perf_counter() - self._start - self._eval_seconds
+
+    # ------------------------------------------------------------------------------------------- data
+    def batches(self, n: int, batch_size: int, *, shuffle: bool = True, drop_last: bool = False,
+                replacement: bool = False, steps: Optional[int] = None) -> Iterator[Tensor]:
+        """Index tensors (on the device) over ``n`` samples: an epoch in seeded random order (or in order),
+        or ``steps`` batches drawn with replacement."""
+        if replacement:
+            for _ in range(steps if steps is not None else max(1, n // batch_size)):
+                yield torch.randint(0, n, (batch_size,), generator=self.generator).to(self.device)
+            return
+        order = torch.randperm(n, generator=self.generator) if shuffle else torch.arange(n)
+        order = order.to(self.device)
+        stop = n - n % batch_size if drop_last else n
+        count = 0
+        for s in range(0, stop, batch_size):
+            if steps is not None and count >= steps:
+                return
+            count += 1
+            yield order[s:s + batch_size]
+
+    # ------------------------------------------------------------------------------------------- steps
+    def check_finite(self, loss: Tensor, what: str = "loss") -> None:
+        """Stop with an error naming the round and step when ``loss`` is not finite. References check at
+        once; fast paths record the first bad step on the device and are checked at the round's end."""
+        step = self.step_in_round
+        if self.sync_checks:
+            v = float(loss.detach())
+            if not math.isfinite(v):
+                raise FloatingPointError(f"{self.name}: non-finite {what} ({v}) at round {self.round + 1}, "
+                                         f"step {step + 1}; lower the learning rate or check the model and data")
+            return
+        bad = ~torch.isfinite(loss.detach()).all()
+        first = torch.where(bad, torch.as_tensor(step, device=loss.device), torch.as_tensor(-1, device=loss.device))
+        self._bad_step = first if self._bad_step is None else torch.where(self._bad_step >= 0, self._bad_step, first)
+
+    def step(self, optimizer: torch.optim.Optimizer, loss: Optional[Tensor] = None) -> None:
+        """The one point where weights change: backward (when ``loss`` is given), optimizer step, zero grad."""
+        if loss is not None:
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        optimizer.step()
+        self.step_in_round += 1
+
+    def log(self, **values: Any) -> None:
+        """Record values for this round (tensors are read once, at the round's end)."""
+        for k, v in values.items():
+            self._pending[k] = v.detach() if isinstance(v, Tensor) else v
+
+    # ------------------------------------------------------------------------------------------- rounds
+    def rounds(self) -> Iterator[int]:
+        """Yield round indices 0..rounds-1; stop early when the time budget cannot fit another round."""
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.total_rounds, desc=self.name, unit="round", leave=False, file=sys.stderr)
+        self._start = time.perf_counter()
+        try:
+            for r in range(self.total_rounds):
+                if self.time_budget is not None and r > 0:
+                    per_round = self.elapsed() / r
+                    if self.elapsed() + per_round > self.time_budget:
+                        self.status = "budget_exhausted"
+                        break
+                self.round, self.step_in_round, self._pending, self._bad_step = r, 0, {}, None
+                yield r
+                self._end_round()
+                if bar is not None:
+                    bar.update(1)
+                    last = self.history[-1]
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in last.items() if isinstance(v, float)}, refresh=False)
+        finally:
+            if bar is not None:
+                bar.close()
+            self.timings["defense"] = self.elapsed()
+            self.timings["eval"] = self._eval_seconds
+
+    def _end_round(self) -> None:
+        if self._bad_step is not None:
+            s = int(self._bad_step)  # the one sync of the finite guard per round
+            if s >= 0:
+                raise FloatingPointError(f"{self.name}: non-finite loss at round {self.round + 1}, step {s + 1}; "
+                                         "lower the learning rate or check the model and data")
+        rec: Dict[str, Any] = {"round": self.round + 1, "seconds": self.elapsed()}
+        tensors = {k: v for k, v in self._pending.items() if isinstance(v, Tensor)}
+        if tensors:
+            values = torch.stack([t.float().mean() for t in tensors.values()]).tolist()
+            rec.update(dict(zip(tensors, values)))
+        rec.update({k: v for k, v in self._pending.items() if not isinstance(v, Tensor)})
+        last = self.round + 1 == self.total_rounds
+        if self.eval_fn is not None and ((self.round + 1) % self.eval_every == 0 or last):
+            self._sync()
+            t0 = time.perf_counter()
+            rec.update(self.eval_fn())
+            self._eval_seconds += time.perf_counter() - t0
+        self.history.append(rec)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Driver: common options, copying, device and mode bookkeeping
+# --------------------------------------------------------------------------------------------------------
+
+
+def _config(config_cls, epochs: Optional[int], hyperparameters: Dict[str, Any], name: str):
+    valid = [f.name for f in dataclasses.fields(config_cls)]
+    unknown = sorted(set(hyperparameters) - set(valid))
+    if unknown:
+        raise TypeError(f"{name}: unknown hyper-parameter(s) {unknown}; valid: {', '.join(valid)} "
+                        "(and the common options normalization, num_classes, epochs, backend, device, seed, "
+                        "time_budget, eval_data, eval_every, progress, inplace, check_range)")
+    if epochs is not None:
+        hyperparameters = dict(hyperparameters, epochs=epochs)
+    cfg = config_cls(**hyperparameters)
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    return cfg
+
+
+def _eval_set(eval_data: Any, device: torch.device) -> Optional[EvalSet]:
+    if eval_data is None:
+        return None
+    if isinstance(eval_data, EvalSet):
+        return eval_data
+    if isinstance(eval_data, dict):
+        return EvalSet(**eval_data)
+    if isinstance(eval_data, (tuple, list)) and len(eval_data) in (2, 4):
+        return EvalSet(*eval_data)
+    raise TypeError("eval_data must be an EvalSet, a dict, or a tuple (x, y) / (x, y, trigger, target), got "
+                    f"{type(eval_data).__name__}")
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    if p is None:
+        raise ValueError("the model has no parameters: there is nothing to purify")
+    return p.device
+
+
+def check_choice(name: str, value: Any, valid: Sequence[Any]) -> None:
+    """A clear error for an unknown option value, listing the valid ones."""
+    if value not in valid:
+        raise ValueError(f"{name}={value!r} is not valid; expected one of: {', '.join(map(repr, valid))}")
+
+
+def check_positive(name: str, value: Any, *, integer: bool = False, allow_zero: bool = False) -> None:
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok or not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        kind = "integer" if integer else "number"
+        raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} {kind}, got {value!r}")
+
+
+def run_defense(name: str, algorithm: Callable[..., Optional[Dict[str, Any]]], config_cls, model: nn.Module,
+                clean_data: Any, *, labels: bool = True, normalization=None, num_classes: Optional[int] = None,
+                epochs: Optional[int] = None, backend: str = "auto", device=None, seed: int = 0,
+                time_budget: Optional[float] = None, eval_data: Any = None, eval_every: int = 1,
+                progress: bool = True, inplace: bool = False, check_range: bool = True,
+                allow_small: bool = False, sync_checks: bool = True, **hyperparameters) -> PurifyResult:
+    """Check everything, then run ``algorithm(net, data, cfg, loop)`` on a copy of ``model`` (``net`` is the
+    copy behind the normalisation, if any) and return a :class:`PurifyResult`. ``algorithm`` may return a
+    dict of extras for ``result.info``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{name}: model must be a torch.nn.Module, got {type(model).__name__}")
+    cfg = _config(config_cls, epochs, hyperparameters, name)
+    check_choice("backend", backend, ("auto", "cuda", "triton", "cpp", "torch"))
+    check_positive("eval_every", eval_every, integer=True)
+    if time_budget is not None:
+        check_positive("time_budget", time_budget)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    user_device = _model_device(model)
+    dev = torch.device(device) if device is not None else user_device
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but CUDA is not available to torch {torch.__version__}")
+    user_mode = model.training
+    evalset = _eval_set(eval_data, dev)
+
+    work = model if inplace else copy.deepcopy(model)
+    work.to(dev)
+    norm = check_normalization(normalization, _channels(clean_data))
+    net = nn.Sequential(Normalize(*norm), work).to(dev) if norm else work
+    try:
+        data: CleanData = prepare(net, clean_data, labels=labels, num_classes=num_classes, device=dev,
+                                  batch_size=getattr(cfg, "batch_size", None), check_range=check_range,
+                                  allow_small=allow_small)
+        eval_fn = None
+        if evalset is not None:
+            from ..metrics import evaluate
+
+            def eval_fn():
+                r = evaluate(net, evalset.x, evalset.y, trigger=evalset.trigger, target=evalset.target, device=dev)
+                return {k: v for k, v in (("acc", r.acc), ("asr", r.asr), ("ra", r.ra)) if v is not None}
+
+        loop = Loop(name, cfg.epochs, device=dev, seed=seed, progress=progress, time_budget=time_budget,
+                    eval_fn=eval_fn, eval_every=eval_every, sync_checks=sync_checks)
+        devices = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            info = algorithm(net, data, cfg, loop) or {}
+    finally:
+        if inplace:
+            model.to(user_device)
+            model.train(user_mode)
+    work.to(user_device)
+    work.train(user_mode)
+    timings = dict(loop.timings)
+    n_images = len(data) * max(1, len(loop.history))
+    timings["images_per_s"] = n_images / timings["defense"] if timings.get("defense") else 0.0
+    return PurifyResult(model=work, history=loop.history, timings=timings, status=loop.status, defense=name,
+                        config=dataclasses.asdict(cfg), info=info)
+
+
+def _channels(clean_data: Any) -> int:
+    """Channel count of the clean images, for checking ``normalization`` before the data is converted."""
+    x = clean_data[0] if isinstance(clean_data, (tuple, list)) and clean_data else clean_data
+    shape = getattr(x, "shape", None)
+    return int(shape[1]) if shape is not None and len(shape) == 4 else 3

@@ -1,0 +1,97 @@
+"""Reference BCU: layer groups from the structure, the re-initialisation rates, distillation that lowers
+the attack success of a backdoored model without labels, determinism, validation."""
+
+import pytest
+import torch
+from torch import nn
+
+from fastpurify.metrics import evaluate
+from fastpurify.models import PreActResNet18, ResNet18, SmallVGG
+from fastpurify.reference.defenses.bcu import BCUConfig, bcu, layer_groups, reinitialize
+
+
+class TVStyleVGG(nn.Module):
+    """torchvision-style names (features.N / classifier.N), grouped, 1×1 and dilated convs: the authors'
+    name-based grouping would put every layer in the stem group."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),               # out 32x32: stem
+            nn.Conv2d(16, 32, 3, padding=1, groups=2), nn.ReLU(), nn.MaxPool2d(2),    # 16x16
+            nn.Conv2d(32, 32, 1), nn.ReLU(), nn.MaxPool2d(2),                         # 8x8
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),              # 4x4
+            nn.Conv2d(64, 64, 3, padding=2, dilation=2), nn.ReLU(),                   # 2x2
+        )
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(256, 32), nn.ReLU(), nn.Linear(32, 10))
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+def test_layer_groups_follow_structure_not_names():
+    x = torch.rand(2, 3, 32, 32)
+    g = layer_groups(PreActResNet18(), x)
+    assert g["conv1"] == "stem" and g["linear"] == "classifier"  # authors' prefixes would give 'stem' to linear
+    assert g["layer1.1.conv2"] == "stage1" and g["layer2.0.shortcut.0"] == "stage2"
+    assert g["layer3.0.conv1"] == "stage3" and g["layer4.1.conv2"] == "stage4"
+    assert layer_groups(ResNet18(), x)["layer4.0.shortcut.0"] == "stage4"
+    v = layer_groups(SmallVGG(), x)
+    assert (v["features.0"], v["features.3"], v["features.11"], v["features.19"], v["classifier"]) == (
+        "stem", "stage2", "stage3", "stage4", "classifier")
+    t = layer_groups(TVStyleVGG(), x)
+    assert t["features.0"] == "stem" and t["classifier.1"] == "classifier" and t["classifier.3"] == "classifier"
+    assert (t["features.3"], t["features.6"], t["features.9"], t["features.12"]) == (
+        "stage1", "stage2", "stage3", "stage4")
+    o = layer_groups(PreActResNet18(), x, stage_map={"layer1": "stage3", "linear": "stage4"})
+    assert o["layer1.0.conv1"] == "stage3" and o["linear"] == "stage4" and o["layer2.0.conv1"] == "stage2"
+
+
+def test_reinitialize_replaces_the_expected_fraction():
+    m = PreActResNet18()
+    ref = {k: v.clone() for k, v in m.state_dict().items()}
+    groups = layer_groups(m, torch.rand(2, 3, 32, 32))
+    counts = reinitialize(m, groups, {"stage4": 0.5, "stem": 0.0}, torch.Generator().manual_seed(0))
+    assert counts["stem"]["replaced"] == 0 and counts["stem"]["total"] == 64 * 3 * 9
+    frac = counts["stage4"]["replaced"] / counts["stage4"]["total"]
+    assert 0.49 < frac < 0.51
+    changed = (m.layer4[0].conv1.weight != ref["layer4.0.conv1.weight"]).float().mean()
+    assert 0.45 < changed < 0.55
+    for k, v in m.state_dict().items():  # BN parameters and buffers are the teacher's
+        if ".bn" in k:
+            assert torch.equal(v, ref[k]), k
+
+
+def test_bcu_lowers_attack_success_without_labels(backdoored):
+    b = backdoored
+    r = bcu(b["model"], b["x"], epochs=8, batch_size=64, progress=False, seed=0)
+    after = evaluate(r.model, b["x_test"], b["y_test"], trigger=b["trigger"], target=b["target"])
+    assert after.asr < b["before"].asr - 40, (b["before"], after)
+    assert r.status == "completed" and len(r.history) == 8 and r.history[-1]["temperature"] == pytest.approx(4.0)
+    assert r.info["layer_groups"]["classifier"] == "classifier"
+    assert not r.model.training  # the fixture model was in eval mode
+
+
+def test_bcu_is_deterministic_and_ignores_labels(backdoored):
+    b = backdoored
+    kw = dict(epochs=1, batch_size=100, progress=False, seed=7)
+    r1 = bcu(b["model"], b["x"][:200], **kw)
+    r2 = bcu(b["model"], (b["x"][:200], b["y"][:200]), **kw)
+    for p1, p2 in zip(r1.model.state_dict().values(), r2.model.state_dict().values()):
+        assert torch.equal(p1, p2)
+    r3 = bcu(b["model"], b["x"][:200], **dict(kw, seed=8))
+    assert any(not torch.equal(p1, p3) for p1, p3 in zip(r1.model.state_dict().values(),
+                                                         r3.model.state_dict().values()))
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"reinit_rates": {"stage5": 0.1}}, r"unknown group\(s\) \['stage5'\]; valid groups: stem, stage1"),
+    ({"reinit_rates": {"stage4": 1.5}}, r"reinit_rates\['stage4'\] must be a probability in \[0, 1\], got 1.5"),
+    ({"stage_map": {"layer1": "middle"}}, r"unknown group\(s\) \{'layer1': 'middle'\}"),
+    ({"lr": 0}, r"lr must be a positive number, got 0"),
+    ({"epochs": 2.5}, r"epochs must be a positive integer, got 2.5"),
+])
+def test_bcu_validates(kw, match):
+    with pytest.raises(ValueError, match=match):
+        bcu(SmallVGG(), torch.rand(8, 3, 32, 32), progress=False, batch_size=4, **kw)
+    assert BCUConfig().reinit_rates["stage4"] == 0.27
