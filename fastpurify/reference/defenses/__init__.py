@@ -4,22 +4,19 @@ hyper-parameter dataclass; all share the common API of :mod:`fastpurify.defenses
 
 Example::
 
-    >>> import fastpurify.reference as ref                       # doctest: +SKIP
+    >>> import fastpurify.reference.defenses as ref                # doctest: +SKIP
     >>> result = ref.ibau(model, (x, y), epochs=1)
 """
 
-import importlib
+# The functions are bound after their modules are imported, so that ``defenses.sau`` is the function and
+# not the submodule of the same name (importing a submodule sets that attribute on its package).
+from .awm import AWMConfig, awm
+from .baerase import BAERASEConfig, baerase
+from .bcu import BCUConfig, bcu
+from .ibau import IBAUConfig, ibau
+from .sau import SAUConfig, sau
 
 DEFENSES = ("sau", "ibau", "awm", "baerase", "bcu")
-CONFIGS = {"sau": "SAUConfig", "ibau": "IBAUConfig", "awm": "AWMConfig", "baerase": "BAERASEConfig",
-           "bcu": "BCUConfig"}
 
-__all__ = list(DEFENSES) + list(CONFIGS.values())
-
-
-def __getattr__(name):
-    # Lazy: importing fastpurify.reference must not import every algorithm.
-    for mod, cfg in CONFIGS.items():
-        if name in (mod, cfg):
-            return getattr(importlib.import_module(f"{__name__}.{mod}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__ = ["DEFENSES", "sau", "ibau", "awm", "baerase", "bcu", "SAUConfig", "IBAUConfig", "AWMConfig",
+           "BAERASEConfig", "BCUConfig"]
