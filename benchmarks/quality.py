@@ -46,6 +46,20 @@ def _parse_sets(items):
     return per
 
 
+def merge_row(folder: Path, row: dict, env: dict) -> None:
+    """Add ``row`` to quality.json (replacing the same defense/path/checkpoint), re-reading the file under a
+    lock so that several quality jobs can run side by side, then rewrite quality.md."""
+    import fcntl
+
+    with open(folder / ".quality.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        path = folder / "quality.json"
+        rows = json.loads(path.read_text())["runs"] if path.exists() else []
+        key = (row["defense"], row["path"], row["checkpoint"])
+        rows = [r for r in rows if (r["defense"], r["path"], r["checkpoint"]) != key] + [row]
+        write_tables(folder, rows, env)
+
+
 def write_tables(folder: Path, rows: list, env: dict) -> None:
     (folder / "quality.json").write_text(json.dumps({"environment": env, "runs": rows}, indent=2, default=str))
     lines = [
@@ -100,12 +114,10 @@ def main(argv=None) -> int:
     env = environment()
     folder = Path(args.out_dir) if args.out_dir else ROOT / "benchmarks" / "results" / env["device_tag"]
     folder.mkdir(parents=True, exist_ok=True)
-    old = json.loads((folder / "quality.json").read_text())["runs"] if (folder / "quality.json").exists() else []
 
     x, y = load_cifar10(data, split="train", count=args.clean_count)
     xt, yt = load_cifar10(data, split="test")
     path = "fast" if args.fast else "reference"
-    rows = list(old)
     for ck in args.checkpoints:
         fname, spec, target = CHECKPOINTS[ck]
         trigger = parse_trigger(spec.format(ibau=ibau))
@@ -128,8 +140,7 @@ def main(argv=None) -> int:
                    "defense_seconds": res.timings["defense"], "wall_seconds": wall, "status": res.status,
                    "rounds": len(res.history), "history": res.history, "device": env["device"],
                    "threads": env["threads"], "commit": env["commit"]}
-            rows = [r for r in rows if (r["defense"], r["path"], r["checkpoint"]) != (d, path, ck)] + [row]
-            write_tables(folder, rows, env)
+            merge_row(folder, row, env)
             print(f"  {d:8s} {after}  DER {row['der']:.2f}  {res.timings['defense']:.0f} s ({res.status})", flush=True)
     print(f"wrote {folder / 'quality.md'}")
     return 0
