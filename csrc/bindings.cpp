@@ -5,14 +5,18 @@
 
 namespace fastpurify {
 // csrc/cpu/pgd.cpp
-void pgd_update_linf_cpu_(at::Tensor delta, const at::Tensor& grad, const c10::optional<at::Tensor>& x,
-                          double step, double eps, c10::optional<double> lower, c10::optional<double> upper,
-                          bool descend);
+void pgd_update_cpu_(at::Tensor delta, const at::Tensor& grad, const c10::optional<at::Tensor>& x,
+                     const c10::optional<at::Tensor>& out_x, const c10::optional<at::Tensor>& mean,
+                     const c10::optional<at::Tensor>& std, double step, double eps, c10::optional<double> lower,
+                     c10::optional<double> upper, bool descend, const std::string& norm,
+                     const c10::optional<std::vector<int64_t>>& out_strides);
 #ifdef FASTPURIFY_WITH_CUDA
 // csrc/cuda/pgd_bind.cpp
-void pgd_update_linf_cuda_(at::Tensor delta, const at::Tensor& grad, const c10::optional<at::Tensor>& x,
-                           double step, double eps, c10::optional<double> lower, c10::optional<double> upper,
-                           bool descend);
+void pgd_update_cuda_(at::Tensor delta, const at::Tensor& grad, const c10::optional<at::Tensor>& x,
+                      const c10::optional<at::Tensor>& out_x, const c10::optional<at::Tensor>& mean,
+                      const c10::optional<at::Tensor>& std, double step, double eps, c10::optional<double> lower,
+                      c10::optional<double> upper, bool descend, const std::string& norm,
+                      const c10::optional<std::vector<int64_t>>& out_strides);
 #endif
 }  // namespace fastpurify
 
@@ -28,12 +32,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastpurify compiled kernels (C++ CPU; CUDA when built with it)";
   m.def("has_cuda", &has_cuda, "whether the CUDA kernels were compiled in");
   m.def("num_threads", &at::get_num_threads, "ATen intra-op threads the CPU kernels use");
-  m.def("pgd_update_linf_cpu_", &fastpurify::pgd_update_linf_cpu_, "L-inf PGD update, in place (CPU)",
-        py::arg("delta"), py::arg("grad"), py::arg("x"), py::arg("step"), py::arg("eps"), py::arg("lower"),
-        py::arg("upper"), py::arg("descend"));
+  m.def("pgd_update_cpu_", &fastpurify::pgd_update_cpu_, "PGD update (linf/l2/l1), in place, optional model input (CPU)",
+        py::arg("delta"), py::arg("grad"), py::arg("x"), py::arg("out_x"), py::arg("mean"), py::arg("std"),
+        py::arg("step"), py::arg("eps"), py::arg("lower"), py::arg("upper"), py::arg("descend"), py::arg("norm"),
+        py::arg("out_strides"));
 #ifdef FASTPURIFY_WITH_CUDA
-  m.def("pgd_update_linf_cuda_", &fastpurify::pgd_update_linf_cuda_, "L-inf PGD update, in place (CUDA)",
-        py::arg("delta"), py::arg("grad"), py::arg("x"), py::arg("step"), py::arg("eps"), py::arg("lower"),
-        py::arg("upper"), py::arg("descend"));
+  m.def("pgd_update_cuda_", &fastpurify::pgd_update_cuda_, "PGD update (linf/l2/l1), in place, optional model input (CUDA)",
+        py::arg("delta"), py::arg("grad"), py::arg("x"), py::arg("out_x"), py::arg("mean"), py::arg("std"),
+        py::arg("step"), py::arg("eps"), py::arg("lower"), py::arg("upper"), py::arg("descend"), py::arg("norm"),
+        py::arg("out_strides"));
 #endif
 }

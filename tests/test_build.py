@@ -47,5 +47,5 @@ def test_extension_is_built():
     from fastpurify import backend
 
     mod = backend.extension()
-    assert hasattr(mod, "pgd_update_linf_cpu_")
-    assert mod.has_cuda() == hasattr(mod, "pgd_update_linf_cuda_")  # the flag tells the truth
+    assert hasattr(mod, "pgd_update_cpu_")
+    assert mod.has_cuda() == hasattr(mod, "pgd_update_cuda_")  # the flag tells the truth
