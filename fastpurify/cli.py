@@ -114,6 +114,91 @@ def _cmd_evaluate(args) -> int:
 
 
 # --------------------------------------------------------------------------------------------------------
+# purify
+# --------------------------------------------------------------------------------------------------------
+
+
+def _parse_value(text: str):
+    """``--set`` values: JSON where it parses (numbers, true/false/null, lists, dicts), else the string."""
+    low = text.strip().lower()
+    if low in ("none", "null"):
+        return None
+    if low in ("true", "false"):
+        return low == "true"
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_sets(items: Optional[List[str]]) -> dict:
+    out = {}
+    for item in items or []:
+        if "=" not in item or not item.split("=", 1)[0].strip():
+            raise ValueError(f"--set {item!r}: expected key=value, e.g. --set lr=1e-4")
+        k, v = item.split("=", 1)
+        out[k.strip()] = _parse_value(v)
+    return out
+
+
+def _cmd_purify(args) -> int:
+    import torch
+
+    from . import defenses as fast_defenses
+    from .data import load_cifar10
+    from .metrics import der, evaluate
+    from .models import load_checkpoint
+    from .reference import defenses as ref_defenses
+    from .triggers import parse_trigger
+
+    name = args.defense.lower()
+    if name not in fast_defenses.DEFENSES:
+        raise ValueError(f"unknown defense {args.defense!r}; valid: {', '.join(fast_defenses.DEFENSES)}")
+    hp = parse_sets(args.set)
+    trigger = parse_trigger(args.trigger)
+    if args.clean_count is not None and args.clean_count < 1:
+        raise ValueError(f"--clean-count must be >= 1, got {args.clean_count}")
+    device = _device(args.device)
+    model = load_checkpoint(args.checkpoint, arch=args.arch).to(device)
+    x, y = load_cifar10(args.data, split="train", count=args.clean_count)
+    xt, yt = load_cifar10(args.data, split="test", count=args.eval_count)
+    fn = getattr(ref_defenses if args.reference else fast_defenses, name)
+    if args.epochs is not None:
+        hp["epochs"] = args.epochs
+    clean = x if name == "bcu" else (x, y)  # BCU uses no labels
+
+    t0 = time.perf_counter()
+    before = evaluate(model, xt, yt, trigger=trigger, target=args.target, device=device)
+    eval_s = time.perf_counter() - t0
+    progress = not args.json and sys.stderr.isatty()
+    result = fn(model, clean, seed=args.seed, device=device, progress=progress, **hp)
+    t0 = time.perf_counter()
+    after = evaluate(result.model, xt, yt, trigger=trigger, target=args.target, device=device)
+    eval_s += time.perf_counter() - t0 + result.timings.get("eval", 0.0)
+    if args.out:
+        torch.save({"model": result.model.state_dict(), "arch": args.arch, "defense": name,
+                    "reference": bool(args.reference), "config": result.config}, args.out)
+    out = {
+        "defense": name, "path": "reference" if args.reference else fast_defenses.status()[name],
+        "arch": args.arch, "checkpoint": str(args.checkpoint), "clean_count": len(y), "eval_count": len(yt),
+        "before": {k: before.as_dict()[k] for k in ("acc", "asr", "ra")},
+        "after": {k: after.as_dict()[k] for k in ("acc", "asr", "ra")},
+        "der": der(before, after), "defense_seconds": result.timings.get("defense"), "eval_seconds": eval_s,
+        "status": result.status, "rounds": len(result.history), "config": result.config, "device": str(device),
+        "seed": args.seed, "out": args.out,
+    }
+    if args.json:
+        print(json.dumps(out, default=str))
+    else:
+        print(f"{name} ({out['path']}) on {os.path.basename(str(args.checkpoint))}, {len(y)} clean images, "
+              f"{len(result.history)} rounds, {out['defense_seconds']:.1f} s on {device} ({result.status})")
+        _print_eval("  before", before)
+        _print_eval("  after ", after)
+        print(f"  DER {out['der']:.2f} %   evaluation {eval_s:.1f} s" + (f"   saved to {args.out}" if args.out else ""))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------
 # demo
 # --------------------------------------------------------------------------------------------------------
 
@@ -183,6 +268,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto")
     s.add_argument("--json", action="store_true", help="print one JSON object (acc, asr, ra in percent, counts)")
     s.set_defaults(func=_cmd_evaluate)
+
+    s = sub.add_parser("purify", help="purify a checkpoint on CIFAR-10 clean data and measure before/after")
+    s.add_argument("defense", help="sau | ibau | awm | baerase | bcu")
+    s.add_argument("--arch", default="small_vgg")
+    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--data", default=None, help="folder holding cifar-10-batches-py")
+    s.add_argument("--clean-count", type=int, default=2500, help="the defender's clean set: the first N training "
+                                                                   "images (default 2500)")
+    s.add_argument("--eval-count", type=int, default=None, help="evaluate on the first N test images (default all)")
+    s.add_argument("--trigger", required=True, help="the attack's trigger SPEC (used only to evaluate)")
+    s.add_argument("--target", type=int, required=True, help="the attack's target label (used only to evaluate)")
+    s.add_argument("--reference", action="store_true", help="run the faithful eager port of the published code")
+    s.add_argument("--epochs", type=int, default=None)
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="a hyper-parameter, e.g. --set lr=1e-4 "
+                                                                        "(repeatable; BAERASE: --set target=T)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default="auto")
+    s.add_argument("--out", default=None, help="save the purified state dict ({'model': ...}) to this file")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_cmd_purify)
 
     s = sub.add_parser("demo", help="train a backdoored SmallVGG (synthetic data by default) and measure it")
     s.add_argument("--data", default=None, help="use the CIFAR-10 files in this folder instead of synthetic data")
