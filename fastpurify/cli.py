@@ -25,6 +25,17 @@ USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, Bac
 # with it, >= 99.6 without); lr 0.01 (0.03-0.05 stall without warm-up, measured).
 DEMO = {"n_train": 5000, "n_test": 2000, "epochs": 8, "lr": 0.01, "batch_size": 128}
 
+# Each defense's demo settings: the published defaults shortened so that all five finish in a few minutes on
+# 2 CPU cores; every other hyper-parameter is the published default. Measured on the demo model (1 thread,
+# loaded machine): see the README's demo section.
+DEMO_DEFENSES = {
+    "sau": {"epochs": 2},
+    "ibau": {"epochs": 1},
+    "awm": {"epochs": 2},
+    "baerase": {"epochs": 2, "recovery_epochs": 5, "hidden_size": 256},
+    "bcu": {"epochs": 5},
+}
+
 
 # --------------------------------------------------------------------------------------------------------
 # info
@@ -203,14 +214,48 @@ def _cmd_purify(args) -> int:
 # --------------------------------------------------------------------------------------------------------
 
 
+def _demo_defense_rows(args, model, trigger, xt, yt, before, device, names) -> list:
+    """Run each defense on the demo model with DEMO_DEFENSES' settings; one result row per defense."""
+    from . import defenses as fast_defenses
+    from .data import synthetic_dataset
+    from .metrics import der, evaluate
+    from .reference import defenses as ref_defenses
+
+    xc, yc = synthetic_dataset(n=args.clean_count, seed=args.seed + 1000, split="train")  # the defender's set
+    rows = []
+    for name in names:
+        fn = getattr(ref_defenses if args.reference else fast_defenses, name)
+        clean = xc if name == "bcu" else (xc, yc)  # BCU uses no labels
+        result = fn(model, clean, seed=args.seed, device=device, progress=not args.json and sys.stderr.isatty(),
+                    **DEMO_DEFENSES[name])
+        after = evaluate(result.model, xt, yt, trigger=trigger, target=args.target, device=device)
+        row = {"defense": name, "path": "reference" if args.reference else fast_defenses.status()[name],
+               "seconds": result.timings.get("defense"), "rounds": len(result.history), "status": result.status,
+               "settings": DEMO_DEFENSES[name], "acc": after.acc, "asr": after.asr, "ra": after.ra,
+               "der": der(before, after)}
+        rows.append(row)
+        if not args.json:
+            print(f"  {name:<8} {row['seconds']:6.1f} s   ACC {after.acc:6.2f} %   ASR {after.asr:6.2f} %   "
+                  f"RA {after.ra:6.2f} %   DER {row['der']:6.2f}   ({row['path']}, {row['rounds']} rounds)", flush=True)
+    return rows
+
+
 def _cmd_demo(args) -> int:
     import torch
 
     from .data import load_cifar10, synthetic_dataset
+    from .defenses import DEFENSES
     from .metrics import evaluate
     from .train import train_backdoored
     from .triggers import PatchTrigger
 
+    names = [d.strip().lower() for d in args.defenses.split(",") if d.strip()] if args.defenses else list(DEFENSES)
+    for d in names:
+        if d not in DEFENSES and d != "none":
+            raise ValueError(f"--defenses: unknown defense {d!r}; valid: {', '.join(DEFENSES)} (or none)")
+    names = [d for d in names if d != "none"]
+    if args.clean_count < 1:
+        raise ValueError(f"--clean-count must be >= 1, got {args.clean_count}")
     device = _device(args.device)
     torch.manual_seed(args.seed)
     trigger = PatchTrigger(size=4, row=27, col=27, value=1.0)
@@ -224,9 +269,10 @@ def _cmd_demo(args) -> int:
         xt, yt = synthetic_dataset(n=DEMO["n_test"], seed=args.seed, split="test")
         source = f"synthetic 10-class 32x32 data ({len(y)} train / {len(yt)} test images)"
         epochs, augment = args.epochs or DEMO["epochs"], False
-    print(f"fastpurify demo: backdoor a SmallVGG on {source}")
-    print(f"  attack: BadNets {trigger.spec}, target {args.target}, {args.poison_rate:.0%} poisoned, "
-          f"{epochs} epochs on {device}")
+    if not args.json:
+        print(f"fastpurify demo: backdoor a SmallVGG on {source}")
+        print(f"  attack: BadNets {trigger.spec}, target {args.target}, {args.poison_rate:.0%} poisoned, "
+              f"{epochs} epochs on {device}")
     t0 = time.perf_counter()
     model, _ = train_backdoored(
         "small_vgg", x, y, trigger=trigger, target=args.target, poison_rate=args.poison_rate, epochs=epochs,
@@ -235,11 +281,20 @@ def _cmd_demo(args) -> int:
     )
     train_s = time.perf_counter() - t0
     r = evaluate(model, xt, yt, trigger=trigger, target=args.target, device=device)
-    if args.json:
-        print(json.dumps({"source": source, "epochs": epochs, "train_seconds": round(train_s, 2), **r.as_dict()}))
-    else:
+    if not args.json:
         _print_eval(f"backdoored model ({train_s:.0f} s training)", r)
+        if names:
+            print(f"purify it with {len(names)} defense(s), each on {args.clean_count} clean images "
+                  f"(short demo settings: {', '.join(f'{n} ' + _fmt_settings(DEMO_DEFENSES[n]) for n in names)}):")
+    rows = _demo_defense_rows(args, model, trigger, xt, yt, r, device, names) if names else []
+    if args.json:
+        print(json.dumps({"source": source, "epochs": epochs, "train_seconds": round(train_s, 2), **r.as_dict(),
+                          "clean_count": args.clean_count, "defenses": rows}, default=str))
     return 0
+
+
+def _fmt_settings(d: dict) -> str:
+    return "(" + ", ".join(f"{k}={v}" for k, v in d.items()) + ")"
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -294,6 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--epochs", type=int, default=None)
     s.add_argument("--target", type=int, default=0)
     s.add_argument("--poison-rate", type=float, default=0.1)
+    s.add_argument("--defenses", default=None, help="comma-separated defenses to run after the attack (default: all "
+                                                     "five; 'none' only trains and measures the backdoor)")
+    s.add_argument("--clean-count", type=int, default=1000, help="the defender's clean images (default 1000)")
+    s.add_argument("--reference", action="store_true", help="run the faithful eager ports of the published code")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="auto")
     s.add_argument("--json", action="store_true")

@@ -31,7 +31,8 @@ def test_cuda_kernel_compiles(cu, tmp_path):
 def test_import_needs_nothing_optional():
     code = (
         "import sys, fastpurify, fastpurify.ops, fastpurify.backend\n"
-        "bad = [m for m in ('triton', 'fastpurify._C', 'fastpurify.kernels.pgd') if m in sys.modules]\n"
+        "bad = [m for m in ('triton', 'fastpurify._C', 'fastpurify.kernels.pgd', 'fastpurify.kernels.universal',\n"
+        "                   'fastpurify.kernels.dual_logit') if m in sys.modules]\n"
         "assert not bad, bad\n"
         "import torch\n"
         "assert not torch.cuda.is_initialized(), 'import queried the GPU'\n"
@@ -47,5 +48,8 @@ def test_extension_is_built():
     from fastpurify import backend
 
     mod = backend.extension()
-    assert hasattr(mod, "pgd_update_cpu_")
-    assert mod.has_cuda() == hasattr(mod, "pgd_update_cuda_")  # the flag tells the truth
+    for cpu, cuda in (("pgd_update_cpu_", "pgd_update_cuda_"), ("universal_update_cpu_", "universal_update_cuda_"),
+                      ("dual_logit_loss_cpu", "dual_logit_loss_cuda"),
+                      ("dual_logit_loss_backward_cpu", "dual_logit_loss_backward_cuda")):
+        assert hasattr(mod, cpu)
+        assert mod.has_cuda() == hasattr(mod, cuda)  # the flag tells the truth
