@@ -21,6 +21,27 @@ std::tuple<at::Tensor, at::Tensor> dual_logit_loss_backward_cpu(const at::Tensor
                                                                  const at::Tensor& y, const at::Tensor& a,
                                                                  const at::Tensor& a0, const at::Tensor& s,
                                                                  const at::Tensor& gout, double beta1, double beta2);
+// csrc/cpu/cg.cpp
+void cg_step_cpu_(std::vector<at::Tensor> x, std::vector<at::Tensor> r, const std::vector<at::Tensor>& p,
+                  const std::vector<at::Tensor>& ap, const at::Tensor& rr, const at::Tensor& pap, at::Tensor rr_new,
+                  at::Tensor iters, at::Tensor status, double tol2);
+void cg_direction_cpu_(std::vector<at::Tensor> p, const std::vector<at::Tensor>& r, const at::Tensor& rr,
+                       const at::Tensor& rr_new, const at::Tensor& status, double tol2);
+// csrc/cpu/masked_conv.cpp
+at::Tensor masked_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask,
+                             const c10::optional<at::Tensor>& bias, std::vector<int64_t> stride,
+                             std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cpu(
+    const at::Tensor& gout, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask,
+    std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups,
+    bool need_x, bool need_mask, bool need_weight, bool need_bias);
+void build_masked_weights_cpu_(const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& masks,
+                               std::vector<at::Tensor> outs);
+void mask_grads_cpu_(const std::vector<at::Tensor>& grad_weffs, const std::vector<at::Tensor>& weights,
+                     std::vector<at::Tensor> out_grads);
+void masked_adam_clamp_cpu_(std::vector<at::Tensor> masks, const std::vector<at::Tensor>& grads,
+                            std::vector<at::Tensor> exp_avgs, std::vector<at::Tensor> exp_avg_sqs, double lr,
+                            double beta1, double beta2, double eps, double l1, int64_t step);
 #ifdef FASTPURIFY_WITH_CUDA
 // csrc/cuda/pgd_bind.cpp
 void pgd_update_cuda_(at::Tensor delta, const at::Tensor& grad, const c10::optional<at::Tensor>& x,
@@ -39,6 +60,27 @@ std::tuple<at::Tensor, at::Tensor> dual_logit_loss_backward_cuda(const at::Tenso
                                                                   const at::Tensor& y, const at::Tensor& a,
                                                                   const at::Tensor& a0, const at::Tensor& s,
                                                                   const at::Tensor& gout, double beta1, double beta2);
+// csrc/cuda/masked_conv_bind.cpp
+at::Tensor masked_conv2d_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask,
+                             const c10::optional<at::Tensor>& bias, std::vector<int64_t> stride,
+                             std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cuda(
+    const at::Tensor& gout, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask,
+    std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups,
+    bool need_x, bool need_mask, bool need_weight, bool need_bias);
+void build_masked_weights_cuda_(const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& masks,
+                               std::vector<at::Tensor> outs);
+void mask_grads_cuda_(const std::vector<at::Tensor>& grad_weffs, const std::vector<at::Tensor>& weights,
+                     std::vector<at::Tensor> out_grads);
+void masked_adam_clamp_cuda_(std::vector<at::Tensor> masks, const std::vector<at::Tensor>& grads,
+                            std::vector<at::Tensor> exp_avgs, std::vector<at::Tensor> exp_avg_sqs, double lr,
+                            double beta1, double beta2, double eps, double l1, int64_t step);
+// csrc/cuda/cg_bind.cpp
+void cg_step_cuda_(std::vector<at::Tensor> x, std::vector<at::Tensor> r, const std::vector<at::Tensor>& p,
+                   const std::vector<at::Tensor>& ap, const at::Tensor& rr, const at::Tensor& pap, at::Tensor rr_new,
+                   at::Tensor iters, at::Tensor status, double tol2);
+void cg_direction_cuda_(std::vector<at::Tensor> p, const std::vector<at::Tensor>& r, const at::Tensor& rr,
+                        const at::Tensor& rr_new, const at::Tensor& status, double tol2);
 #endif
 }  // namespace fastpurify
 
@@ -67,6 +109,28 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dual_logit_loss_backward_cpu", &fastpurify::dual_logit_loss_backward_cpu,
         "SAU dual-logit loss: dL/dz and dL/dz0 (CPU)", py::arg("z"), py::arg("z0"), py::arg("y"), py::arg("a"),
         py::arg("a0"), py::arg("s"), py::arg("gout"), py::arg("beta1"), py::arg("beta2"));
+  m.def("cg_step_cpu_", &fastpurify::cg_step_cpu_,
+        "CG update x += a p, r -= a Ap, rr_new = |r|^2 per system, masked, in place (CPU)", py::arg("x"), py::arg("r"),
+        py::arg("p"), py::arg("ap"), py::arg("rr"), py::arg("pap"), py::arg("rr_new"), py::arg("iters"),
+        py::arg("status"), py::arg("tol2"));
+  m.def("cg_direction_cpu_", &fastpurify::cg_direction_cpu_, "CG direction p = r + (rr_new/rr) p per system, in place (CPU)",
+        py::arg("p"), py::arg("r"), py::arg("rr"), py::arg("rr_new"), py::arg("status"), py::arg("tol2"));
+  m.def("masked_conv2d_cpu", &fastpurify::masked_conv2d_cpu, "conv2d(x, weight*mask), W_eff built in one pass (CPU)",
+        py::arg("x"), py::arg("weight"), py::arg("mask"), py::arg("bias"), py::arg("stride"), py::arg("padding"),
+        py::arg("dilation"), py::arg("groups"));
+  m.def("masked_conv2d_backward_cpu", &fastpurify::masked_conv2d_backward_cpu,
+        "masked conv2d backward: dx, dmask = dW_eff*weight, dweight = dW_eff*mask, dbias, as needed (CPU)",
+        py::arg("gout"), py::arg("x"), py::arg("weight"), py::arg("mask"), py::arg("stride"), py::arg("padding"),
+        py::arg("dilation"), py::arg("groups"), py::arg("need_x"), py::arg("need_mask"), py::arg("need_weight"),
+        py::arg("need_bias"));
+  m.def("build_masked_weights_cpu_", &fastpurify::build_masked_weights_cpu_, "outs[i] = weights[i]*masks[i], all layers (CPU)",
+        py::arg("weights"), py::arg("masks"), py::arg("outs"));
+  m.def("mask_grads_cpu_", &fastpurify::mask_grads_cpu_, "out_grads[i] = grad_weffs[i]*weights[i], all layers (CPU)",
+        py::arg("grad_weffs"), py::arg("weights"), py::arg("out_grads"));
+  m.def("masked_adam_clamp_cpu_", &fastpurify::masked_adam_clamp_cpu_,
+        "AWM mask step: L1 subgradient + Adam + clamp to [0, 1], all layers, in place (CPU)", py::arg("masks"),
+        py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"), py::arg("lr"), py::arg("beta1"),
+        py::arg("beta2"), py::arg("eps"), py::arg("l1"), py::arg("step"));
 #ifdef FASTPURIFY_WITH_CUDA
   m.def("pgd_update_cuda_", &fastpurify::pgd_update_cuda_, "PGD update (linf/l2/l1), in place, optional model input (CUDA)",
         py::arg("delta"), py::arg("grad"), py::arg("x"), py::arg("out_x"), py::arg("mean"), py::arg("std"),
@@ -82,5 +146,28 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dual_logit_loss_backward_cuda", &fastpurify::dual_logit_loss_backward_cuda,
         "SAU dual-logit loss: dL/dz and dL/dz0 (CUDA)", py::arg("z"), py::arg("z0"), py::arg("y"), py::arg("a"),
         py::arg("a0"), py::arg("s"), py::arg("gout"), py::arg("beta1"), py::arg("beta2"));
+  m.def("masked_conv2d_cuda", &fastpurify::masked_conv2d_cuda, "conv2d(x, weight*mask), W_eff built in one pass (CUDA)",
+        py::arg("x"), py::arg("weight"), py::arg("mask"), py::arg("bias"), py::arg("stride"), py::arg("padding"),
+        py::arg("dilation"), py::arg("groups"));
+  m.def("masked_conv2d_backward_cuda", &fastpurify::masked_conv2d_backward_cuda,
+        "masked conv2d backward: dx, dmask = dW_eff*weight, dweight = dW_eff*mask, dbias, as needed (CUDA)",
+        py::arg("gout"), py::arg("x"), py::arg("weight"), py::arg("mask"), py::arg("stride"), py::arg("padding"),
+        py::arg("dilation"), py::arg("groups"), py::arg("need_x"), py::arg("need_mask"), py::arg("need_weight"),
+        py::arg("need_bias"));
+  m.def("build_masked_weights_cuda_", &fastpurify::build_masked_weights_cuda_, "outs[i] = weights[i]*masks[i], all layers (CUDA)",
+        py::arg("weights"), py::arg("masks"), py::arg("outs"));
+  m.def("mask_grads_cuda_", &fastpurify::mask_grads_cuda_, "out_grads[i] = grad_weffs[i]*weights[i], all layers (CUDA)",
+        py::arg("grad_weffs"), py::arg("weights"), py::arg("out_grads"));
+  m.def("masked_adam_clamp_cuda_", &fastpurify::masked_adam_clamp_cuda_,
+        "AWM mask step: L1 subgradient + Adam + clamp to [0, 1], all layers, in place (CUDA)", py::arg("masks"),
+        py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"), py::arg("lr"), py::arg("beta1"),
+        py::arg("beta2"), py::arg("eps"), py::arg("l1"), py::arg("step"));
+  m.def("cg_step_cuda_", &fastpurify::cg_step_cuda_,
+        "CG update x += a p, r -= a Ap, rr_new = |r|^2 per system, masked, in place (CUDA)", py::arg("x"), py::arg("r"),
+        py::arg("p"), py::arg("ap"), py::arg("rr"), py::arg("pap"), py::arg("rr_new"), py::arg("iters"),
+        py::arg("status"), py::arg("tol2"));
+  m.def("cg_direction_cuda_", &fastpurify::cg_direction_cuda_,
+        "CG direction p = r + (rr_new/rr) p per system, in place (CUDA)", py::arg("p"), py::arg("r"), py::arg("rr"),
+        py::arg("rr_new"), py::arg("status"), py::arg("tol2"));
 #endif
 }

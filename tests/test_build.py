@@ -32,7 +32,8 @@ def test_import_needs_nothing_optional():
     code = (
         "import sys, fastpurify, fastpurify.ops, fastpurify.backend\n"
         "bad = [m for m in ('triton', 'fastpurify._C', 'fastpurify.kernels.pgd', 'fastpurify.kernels.universal',\n"
-        "                   'fastpurify.kernels.dual_logit') if m in sys.modules]\n"
+        "                   'fastpurify.kernels.dual_logit', 'fastpurify.kernels.masked_conv',\n"
+        "                   'fastpurify.kernels.cg') if m in sys.modules]\n"
         "assert not bad, bad\n"
         "import torch\n"
         "assert not torch.cuda.is_initialized(), 'import queried the GPU'\n"
@@ -50,6 +51,12 @@ def test_extension_is_built():
     mod = backend.extension()
     for cpu, cuda in (("pgd_update_cpu_", "pgd_update_cuda_"), ("universal_update_cpu_", "universal_update_cuda_"),
                       ("dual_logit_loss_cpu", "dual_logit_loss_cuda"),
-                      ("dual_logit_loss_backward_cpu", "dual_logit_loss_backward_cuda")):
+                      ("dual_logit_loss_backward_cpu", "dual_logit_loss_backward_cuda"),
+                      ("masked_conv2d_cpu", "masked_conv2d_cuda"),
+                      ("masked_conv2d_backward_cpu", "masked_conv2d_backward_cuda"),
+                      ("build_masked_weights_cpu_", "build_masked_weights_cuda_"),
+                      ("mask_grads_cpu_", "mask_grads_cuda_"),
+                      ("masked_adam_clamp_cpu_", "masked_adam_clamp_cuda_"), ("cg_step_cpu_", "cg_step_cuda_"),
+                      ("cg_direction_cpu_", "cg_direction_cuda_")):
         assert hasattr(mod, cpu)
         assert mod.has_cuda() == hasattr(mod, cuda)  # the flag tells the truth

@@ -12,6 +12,7 @@
 
 #include <cstdint>
 
+#include "device.cuh"
 #include "pgd.h"
 
 namespace fastpurify {
@@ -137,17 +138,6 @@ __global__ void __launch_bounds__(kSampleThreads) _pgd_update_sample_kernel(Para
     const A y = (load<A>(p.d, base + j) + (L2 ? g * scale : sign_step<A>(g, p.step))) * factor;
     finish<T, O>(p, base + j, y);
   }
-}
-
-int num_sms() {
-  // Queried once per process (cheap, but not free on every launch of a kernel that takes microseconds).
-  static int sms = [] {
-    int device = 0, count = 132;
-    cudaGetDevice(&device);
-    cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device);
-    return count;
-  }();
-  return sms;
 }
 
 template <typename T, typename O>

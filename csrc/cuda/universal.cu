@@ -18,6 +18,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "device.cuh"
 #include "universal.h"
 
 namespace fastpurify {
@@ -140,17 +141,6 @@ __global__ void __launch_bounds__(kThreads) _universal_rescale_kernel(Params<T> 
   factor = factor > A(1) ? A(1) : factor;  // min(1, radius/norm), keeping a NaN norm NaN; a zero norm gives 1
   const int64_t j = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (j < p.s) p.d[kk * p.s + j] = cast_to<T>(p.y[kk * p.s + j] * factor);
-}
-
-int num_sms() {
-  // Queried once per process (cheap, but not free on every launch of a kernel that takes microseconds).
-  static int sms = [] {
-    int device = 0, count = 132;
-    cudaGetDevice(&device);
-    cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device);
-    return count;
-  }();
-  return sms;
 }
 
 struct Plan {

@@ -1,8 +1,8 @@
 """The five defenses behind one call each: ``fastpurify.sau(model, clean_data, ...)`` etc.
 
-Until the fast paths land (fastpurify/defenses/<name>.py on fastpurify's ops), these entry points run the
-faithful eager references of :mod:`fastpurify.reference.defenses`; ``fastpurify info`` says which path each
-defense takes.
+A defense whose fast path exists (fastpurify/defenses/<name>.py, on fastpurify's ops) runs it; the others run
+the faithful eager references of :mod:`fastpurify.reference.defenses` until theirs lands. ``fastpurify info``
+says which path each defense takes.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from ._loop import EvalSet, PurifyResult
 
 DEFENSES = ("sau", "ibau", "awm", "baerase", "bcu")
 CLASSES = {"SAU": "sau", "IBAU": "ibau", "AWM": "awm", "BAERASE": "baerase", "BCU": "bcu"}
-FAST_PATHS: Dict[str, bool] = {name: False for name in DEFENSES}  # True once fastpurify/defenses/<name>.py exists
+FAST_PATHS: Dict[str, bool] = {name: name in ("sau",) for name in DEFENSES}  # fastpurify/defenses/<name>.py exists
 
 
 def _function(name: str):
@@ -58,10 +58,14 @@ def _make_class(cls_name: str, fn_name: str):
 SAU, IBAU, AWM, BAERASE, BCU = (_make_class(c, f) for c, f in CLASSES.items())
 
 
-def __getattr__(name: str):
-    if name in DEFENSES:
-        return _function(name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# Bind the five functions. The fast modules are imported first: importing a submodule sets the package
+# attribute of the same name (``defenses.sau`` = the module), so the functions must be bound after it.
+for _name in DEFENSES:
+    if FAST_PATHS[_name]:
+        importlib.import_module(f"{__name__}.{_name}")
+for _name in DEFENSES:
+    globals()[_name] = _function(_name)
+del _name
 
 
 __all__ = ["DEFENSES", "EvalSet", "PurifyResult", "status", *DEFENSES, *CLASSES]

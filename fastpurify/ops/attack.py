@@ -290,7 +290,8 @@ class SharedPGD:
                 self._step(st, forward, mean, std)
                 if early_exit == "host" and not bool(st["active"]):
                     break
-        return st["delta"], {"steps": st["done"], "shared": st["shared"], "adv": st["adv"], "adv_ref": st["adv0"]}
+        return st["delta"], {"steps": st["done"], "shared": st["shared"], "adv": st["adv"], "adv_ref": st["adv0"],
+                             "y_hat": st["y_hat"], "y_hat0": st["y_hat0"]}
 
 
 def dual_logit_loss_fused(z: Tensor, z0: Tensor, y: Tensor, y_hat: Tensor, y_hat0: Tensor, beta1: float,
@@ -351,7 +352,7 @@ def shared_pgd(
 
     Shapes: ``x`` (B, C, H, W) pixels, ``y`` (B,) int64 -> δ (B, C, H, W) fp32 (detached) and a dict with
     ``steps`` (0-d int tensor: steps that changed δ), ``shared``/``adv``/``adv_ref`` ((B,) bool masks of the
-    last step run, judged before its update).
+    last step run, judged before its update), ``y_hat``/``y_hat0`` ((B,) the two models' clean predictions).
 
     Example::
 

@@ -1,0 +1,145 @@
+"""SAU — Shared Adversarial Unlearning, the fast path (the algorithm of
+:mod:`fastpurify.reference.defenses.sau`, with the published code's waste removed).
+
+What changes against the reference, and why it is the same method:
+
+- the attack is :class:`fastpurify.ops.SharedPGD`: clean predictions computed once per batch (they cannot
+  change during the attack), input gradients only (the reference's ``loss.backward()`` also fills both
+  models' weight gradients), the fused update that also writes the next model input, the early exit
+  decided on the device; on CUDA the two models run stacked through ``torch.func`` and the loss is the fused
+  :func:`fastpurify.ops.dual_logit_loss`. In fp32 on CPU its δ equals the reference's bit for bit;
+- the frozen model ``f0`` runs without autograd (``requires_grad_(False)``, ``no_grad``), and only once per
+  unlearning step, on ``x + δ`` (its clean predictions come from the attack);
+- the unlearning loss uses masks instead of boolean indexing and host tests (no host synchronisation), and
+  skips the adversarial-training term when its weight λ2 is 0 (the reference computes it and multiplies by 0);
+- per-round statistics stay on the device and are read once per round; the finite-loss guard records the
+  first bad step on the device (checked at the round's end);
+- ``precision="bf16"`` runs the attack's forwards under bf16 autocast (the unlearning step stays fp32), and
+  ``channels_last=True`` converts the working copy and the inputs (both off by default: measure first).
+
+Everything else — the defaults, the schedule, δ's initialisation, the potential-poison rule and the clamps of
+``L_sar`` — is the reference's (:class:`~fastpurify.reference.defenses.sau.SAUConfig`).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Dict
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops.attack import SharedPGD
+from ..reference.defenses.sau import SAUConfig
+from ._loop import PurifyResult, check_choice, run_defense
+
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass
+class FastSAUConfig(SAUConfig):
+    """The reference's hyper-parameters plus the fast path's execution options."""
+
+    precision: str = "fp32"  # "bf16": the attack's forwards under bf16 autocast
+    channels_last: bool = False  # run the models on channels_last tensors
+    cuda_graph: bool = False  # capture one attack step into a CUDA graph (CUDA only; L∞/L1)
+
+    def validate(self) -> None:
+        super().validate()
+        check_choice("precision", self.precision, PRECISIONS)
+        for name in ("channels_last", "cuda_graph"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+
+
+_NORMS = {"L_inf": "linf", "L2": "l2", "L1": "l1"}
+
+
+def unlearning_loss_fast(net: nn.Module, ref: nn.Module, x: Tensor, y: Tensor, delta: Tensor, y_hat0: Tensor,
+                         cfg: SAUConfig, num_classes: int):
+    """The reference's unlearning objective with masks (no host sync) and ``f0`` under ``no_grad``.
+
+    Shapes: ``x``, ``delta`` (B, C, H, W), ``y``, ``y_hat0`` (B,) -> the 0-d loss and its 0-d parts."""
+    n = x.shape[0]
+    x_adv = x + delta
+    if cfg.train_mode:
+        net.train()
+    logits, adv_logits = torch.split(net(torch.cat([x, x_adv], dim=0)), n, dim=0)
+    net.eval()
+    with torch.no_grad():
+        y_adv0 = ref(x_adv).argmax(1)
+    poison = (y_adv0 != y) & (y_adv0 != y_hat0)
+    loss_clean = F.cross_entropy(logits, y)
+    loss = cfg.lmd1 * loss_clean
+    if cfg.lmd2 != 0:
+        loss = loss + cfg.lmd2 * F.cross_entropy(adv_logits, y)
+    prob = F.softmax(adv_logits, dim=1)
+    pos = prob.gather(1, y_adv0.unsqueeze(1)).squeeze(1)
+    neg = prob.scatter(1, y_adv0.unsqueeze(1), 0.0).sum(dim=1)  # summed directly: 1 − π cancels when π ≈ 1
+    sar = -torch.log(1e-6 + neg.clamp(max=0.999)) - torch.log(1 + 1e-6 - pos.clamp(min=0.001))
+    loss_sar = (sar * poison).sum() / 2 / n
+    loss = loss + cfg.lmd3 * loss_sar
+    return loss, {"clean": loss_clean.detach(), "sar": loss_sar.detach(), "poison": poison.sum().float()}
+
+
+def _sau(net: nn.Module, data, cfg: FastSAUConfig, loop) -> Dict[str, Any]:
+    net.eval()
+    if cfg.channels_last:
+        net.to(memory_format=torch.channels_last)
+    ref = copy.deepcopy(net).eval().requires_grad_(False)  # f0: frozen, never needs a gradient
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+                           amsgrad=cfg.amsgrad, **({"fused": True} if data.x.is_cuda else {}))
+    attack = SharedPGD(net, ref, eps=cfg.eps, step=cfg.step_size, steps=cfg.pgd_steps, norm=_NORMS[cfg.norm],
+                       init=cfg.pgd_init, beta1=cfg.beta1, beta2=cfg.beta2, precision=cfg.precision,
+                       channels_last=cfg.channels_last, cuda_graph=cfg.cuda_graph)
+    dev = data.x.device
+    for _ in loop.rounds():
+        sums = {k: torch.zeros((), device=dev) for k in ("loss", "clean", "sar", "poison", "shared", "pgd_steps")}
+        batches, seen = 0, 0
+        for idx in loop.batches(len(data), cfg.batch_size, shuffle=True):
+            x, y = data.x[idx], data.y[idx]
+            with loop.phase("attack"):
+                delta, info = attack(x, y, generator=loop.generator)
+            with loop.phase("unlearn"):
+                for _ in range(cfg.outer_steps):
+                    loss, parts = unlearning_loss_fast(net, ref, x, y, delta, info["y_hat0"], cfg, data.num_classes)
+                    loop.check_finite(loss)
+                    loop.step(opt, loss)
+                    net.eval()
+            sums["loss"] += loss.detach()
+            sums["clean"] += parts["clean"]
+            sums["sar"] += parts["sar"]
+            sums["poison"] += parts["poison"]
+            sums["shared"] += info["shared"].sum()
+            sums["pgd_steps"] += info["steps"]
+            batches += 1
+            seen += x.shape[0]
+        loop.log(loss=sums["loss"] / batches, loss_clean=sums["clean"] / batches, loss_sar=sums["sar"] / batches,
+                 poison_frac=sums["poison"] / seen, shared_frac=sums["shared"] / seen,
+                 pgd_steps=sums["pgd_steps"] / batches)
+    if cfg.channels_last:
+        net.to(memory_format=torch.contiguous_format)
+    net.eval()
+    return {}
+
+
+def sau(model: nn.Module, clean_data, **kwargs) -> PurifyResult:
+    """Purify ``model`` with SAU (Shared Adversarial Unlearning) — the fast path.
+
+    Same arguments, defaults and result as :func:`fastpurify.reference.defenses.sau.sau` (the fields of
+    :class:`~fastpurify.reference.defenses.sau.SAUConfig` and the common options), plus ``precision``
+    (``"fp32"`` | ``"bf16"``), ``channels_last`` and ``cuda_graph``. See the module docstring for what is
+    faster and why it is the same method.
+
+    Example::
+
+        >>> from fastpurify.models import SmallVGG
+        >>> from fastpurify.data import synthetic_dataset
+        >>> x, y = synthetic_dataset(n=64)
+        >>> r = sau(SmallVGG(), (x, y), epochs=1, batch_size=32, progress=False)
+        >>> r.status
+        'completed'
+    """
+    return run_defense("sau", _sau, FastSAUConfig, model, clean_data, sync_checks=False, **kwargs)
