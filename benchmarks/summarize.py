@@ -28,8 +28,11 @@ def summarize_device(folder: Path) -> str:
     groups = defaultdict(list)
     env = {}
     for f in sorted(folder.glob("*.json")):
-        data = json.loads(f.read_text())
-        for b in data.get("benchmarks", []):
+        try:
+            data = json.loads(f.read_text())
+        except json.JSONDecodeError:  # a benchmark run still writing its file
+            continue
+        for b in data.get("benchmarks", []) if isinstance(data, dict) else []:
             extra = b.get("extra_info", {})
             env = env or extra
             groups[(f.stem, b.get("group") or b["name"])].append((extra.get("provider", b["name"]), b["stats"], extra))

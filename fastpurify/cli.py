@@ -29,11 +29,12 @@ DEMO = {"n_train": 5000, "n_test": 2000, "epochs": 8, "lr": 0.01, "batch_size": 
 # 2 CPU cores; every other hyper-parameter is the published default. Measured on the demo model (1 thread,
 # loaded machine): see the README's demo section.
 DEMO_DEFENSES = {
-    "sau": {"epochs": 2},
-    "ibau": {"epochs": 1},
-    "awm": {"epochs": 2},
-    "baerase": {"epochs": 2, "recovery_epochs": 5, "hidden_size": 256},
-    "bcu": {"epochs": 5},
+    "sau": {"epochs": 2},  # 1 thread: ASR 100 -> 78, ACC 98.6 -> 96.7 (lr 5e-4: ASR 5.4 but ACC 69)
+    "ibau": {"epochs": 1},  # ASR 100 -> 12.5, ACC 96.6
+    "awm": {"epochs": 1},  # ASR 100 -> 20.3, ACC 97.7
+    "baerase": {"target": 0, "epochs": 5, "recovery_epochs": 5, "hidden_size": 256, "patch_size": 4,
+                "position": "corner"},  # target given; random positions with detection left ASR at 99.9
+    "bcu": {"epochs": 5, "batch_size": 64, "augment": False},  # ASR 100 -> 4.0, ACC 97.7 (crops move the patch)
 }
 
 
@@ -235,9 +236,20 @@ def _demo_defense_rows(args, model, trigger, xt, yt, before, device, names) -> l
                "der": der(before, after)}
         rows.append(row)
         if not args.json:
-            print(f"  {name:<8} {row['seconds']:6.1f} s   ACC {after.acc:6.2f} %   ASR {after.asr:6.2f} %   "
-                  f"RA {after.ra:6.2f} %   DER {row['der']:6.2f}   ({row['path']}, {row['rounds']} rounds)", flush=True)
+            print(f"  {name}: done in {row['seconds']:.1f} s ({row['path']}, {row['rounds']} rounds)", flush=True)
     return rows
+
+
+def _print_demo_table(before, rows) -> None:
+    print()
+    print("| defense | path      | seconds | ACC before | ACC after | ASR before | ASR after | RA after | DER   |")
+    print("| ------- | --------- | ------- | ---------- | --------- | ---------- | --------- | -------- | ----- |")
+    for r in rows:
+        path = "fast" if r["path"] == "fast path" else "reference"
+        print(f"| {r['defense']:<7} | {path:<9} | {r['seconds']:7.1f} | {before.acc:10.2f} | {r['acc']:9.2f} | "
+              f"{before.asr:10.2f} | {r['asr']:9.2f} | {r['ra']:8.2f} | {r['der']:5.1f} |")
+    print("\nACC: clean accuracy; ASR: attack success on triggered non-target images; RA: their recovered accuracy; "
+          "DER: defense effectiveness rating (percent)")
 
 
 def _cmd_demo(args) -> int:
@@ -287,6 +299,9 @@ def _cmd_demo(args) -> int:
             print(f"purify it with {len(names)} defense(s), each on {args.clean_count} clean images "
                   f"(short demo settings: {', '.join(f'{n} ' + _fmt_settings(DEMO_DEFENSES[n]) for n in names)}):")
     rows = _demo_defense_rows(args, model, trigger, xt, yt, r, device, names) if names else []
+    if rows and not args.json:
+        _print_demo_table(r, rows)
+        print(f"total {time.perf_counter() - t0:.0f} s")
     if args.json:
         print(json.dumps({"source": source, "epochs": epochs, "train_seconds": round(train_s, 2), **r.as_dict(),
                           "clean_count": args.clean_count, "defenses": rows}, default=str))

@@ -8,13 +8,15 @@ says which path each defense takes.
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from typing import Any, Dict
 
 from ._loop import EvalSet, PurifyResult
 
 DEFENSES = ("sau", "ibau", "awm", "baerase", "bcu")
 CLASSES = {"SAU": "sau", "IBAU": "ibau", "AWM": "awm", "BAERASE": "baerase", "BCU": "bcu"}
-FAST_PATHS: Dict[str, bool] = {name: name in ("sau",) for name in DEFENSES}  # fastpurify/defenses/<name>.py exists
+# A defense has a fast path when fastpurify/defenses/<name>.py exists (then it is imported below, at package import).
+FAST_PATHS: Dict[str, bool] = {name: (Path(__file__).parent / f"{name}.py").is_file() for name in DEFENSES}
 
 
 def _function(name: str):

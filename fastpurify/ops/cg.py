@@ -419,9 +419,11 @@ def hvp(loss_fn: Callable[..., Tensor], inputs: Vec, v: Vec, *, mode: str = "rev
 
     ``mode="rev_rev"``: double backward (a gradient graph, then one backward through it);
     ``mode="fwd_rev"``: ``torch.func.jvp`` over ``torch.func.grad`` (forward-mode over reverse). Measured on
-    CPU (2 shared cores under load, torch 2.13, fp32 SmallVGG, batch 100, best of 6 interleaved runs;
-    ``python -m benchmarks.test_bench_cg``): w.r.t. a 3×32×32 δ rev_rev 2.85 s vs fwd_rev 4.44 s, w.r.t. the
-    0.3 M parameters 8.4 s vs 9.1 s — rev_rev is faster in both, so it is the default. Both run the forward
+    CPU (AMD EPYC, 2 threads, quiet machine, torch 2.13, fp32 SmallVGG, batch 100, median of 5;
+    ``pytest benchmarks/test_bench_cg.py -k hvp``, benchmarks/results/cpu-amd-epyc-2t/cg.json): w.r.t. a
+    3×32×32 δ (I-BAU's system) rev_rev 292 ms vs fwd_rev 430 ms; w.r.t. the 0.3 M parameters rev_rev 374 ms vs
+    fwd_rev 343 ms. rev_rev is the default because the δ system is the one the defenses solve (and it wins
+    there by 1.5x); pass ``mode="fwd_rev"`` for parameter-space products. Both run the forward
     pass on every call; a solver that applies H many times at one point should keep the gradient graph
     instead (as :func:`implicit_hypergrad` does: one backward per H·v).
 
