@@ -48,3 +48,13 @@ def backdoored():
     assert before.acc > 85 and before.asr > 85, f"fixture model not backdoored enough: {before}"
     return {"model": model.eval(), "x": xc, "y": yc, "x_test": xt, "y_test": yt, "trigger": trigger, "target": 0,
             "before": before}
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module (defense tests): on the shared 2-core machine two OpenMP threads stall
+    whenever another process holds a core."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

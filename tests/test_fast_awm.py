@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from _tiny import RandomPatch, tiny_cnn
 from torch import nn
 
 import fastpurify
@@ -15,37 +16,13 @@ from fastpurify.metrics import evaluate
 from fastpurify.reference.defenses.awm import awm as awm_ref
 from fastpurify.train import train_backdoored
 
-
-class RandomPatch:
-    """White k×k patch at a random position per image (seeded): the trigger of tests/test_ref_awm.py."""
-
-    def __init__(self, k: int = 3, seed: int = 0) -> None:
-        self.k, self.g = k, torch.Generator().manual_seed(seed)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        out = x.clone()
-        n, _, h, w = x.shape
-        rows = torch.randint(0, h - self.k + 1, (n,), generator=self.g).tolist()
-        cols = torch.randint(0, w - self.k + 1, (n,), generator=self.g).tolist()
-        for i, (r, c) in enumerate(zip(rows, cols)):
-            out[i, :, r:r + self.k, c:c + self.k] = 1.0
-        return out
+# Two OpenMP threads stall on the shared 2-core test machine whenever another process holds a core
+# (tests/test_ref_ibau.py took 506 s with 2 threads, 43 s with 1): see the one_thread fixture.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny() -> nn.Module:
-    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Flatten(), nn.Linear(64 * 16, 10))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # two OpenMP threads stall on the shared 2-core machine (see tests/test_ref_ibau.py)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    return tiny_cnn(64)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import copy
 
 import pytest
 import torch
+from _tiny import RandomPatch, tiny_cnn
 from torch import nn
 
 from fastpurify.data import synthetic_dataset
@@ -20,27 +21,8 @@ from fastpurify.reference.defenses.awm import AWMConfig, awm, l1_rescale, mask_o
 from fastpurify.train import train_backdoored
 
 
-class RandomPatch:
-    """White k×k patch at a random position per image (seeded), the trigger of the tiny model."""
-
-    def __init__(self, k: int = 3, seed: int = 0) -> None:
-        self.k, self.g = k, torch.Generator().manual_seed(seed)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        out = x.clone()
-        n, _, h, w = x.shape
-        rows = torch.randint(0, h - self.k + 1, (n,), generator=self.g).tolist()
-        cols = torch.randint(0, w - self.k + 1, (n,), generator=self.g).tolist()
-        for i, (r, c) in enumerate(zip(rows, cols)):
-            out[i, :, r:r + self.k, c:c + self.k] = 1.0
-        return out
-
-
 def _tiny(num_classes: int = 10) -> nn.Module:
-    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Flatten(), nn.Linear(64 * 16, num_classes))
+    return tiny_cnn(64, num_classes=num_classes)
 
 
 class _Odd(nn.Module):

@@ -12,6 +12,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from _tiny import tiny_cnn
 from torch import nn
 
 from fastpurify.data import synthetic_dataset
@@ -20,27 +21,16 @@ from fastpurify.reference.defenses.sau import SAUConfig, project, sau, shared_pg
 from fastpurify.train import train_backdoored
 from fastpurify.triggers import AddTrigger
 
-TARGET = 0
+# Two OpenMP threads stall on the shared 2-core test machine whenever another process holds a core
+# (tests/test_ref_ibau.py took 506 s with 2 threads, 43 s with 1): see the one_thread fixture.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(32 * 4 * 4, 10),
-    )
+    return tiny_cnn(32, seed=0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # On the shared 2-core test machine, two OpenMP threads stall whenever another process holds a core: this
-    # file took 506 s with torch's default of 2 threads and 43 s with 1.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+TARGET = 0
 
 
 @pytest.fixture(scope="module")
