@@ -521,3 +521,53 @@ def implicit_hypergrad(inner_loss: Callable[[Tensor], Tensor], outer_loss: Calla
     if not return_info:
         return out
     return out, {"outer_loss": o_loss.detach(), "solver_iters": iters, "v": v.detach(), "status": status}
+
+
+class CapturedHypergrad:
+    """:func:`implicit_hypergrad` captured once into a CUDA graph and replayed (static shapes): the whole
+    K-step solve — the outer gradients, the inner gradient graph, every H·v and the mixed product, ~K+3 backward
+    passes and their vector updates — becomes one graph launch.
+
+    The graph reads the tensors the closures and ``delta`` refer to at capture time and writes the same output
+    tensors at every replay: the caller updates ``delta`` and the closures' input batches **in place**
+    (``copy_``) and reads :attr:`grads` after :meth:`__call__` (copy them if they must survive the next replay).
+    ``tol`` must be None (a tolerance test would need a data-dependent stop) and ``check`` "none". Warm-up runs
+    on a side stream first, as CUDA-graph capture requires; parameters may change in place between replays
+    (an optimizer step does). CUDA tensors only.
+
+    Example (CUDA only)::
+
+        >>> cap = CapturedHypergrad(inner, outer, delta, params, K=5, eta=0.1)   # doctest: +SKIP
+        >>> for xb, yb in batches:                                               # doctest: +SKIP
+        ...     x_static.copy_(xb); y_static.copy_(yb)
+        ...     for p, g in zip(params, cap()): p.grad = g.clone()
+    """
+
+    def __init__(self, inner_loss: Callable[[Tensor], Tensor], outer_loss: Callable[[Tensor], Tensor],
+                 delta: Tensor, params: Sequence[Tensor], *, solver: str = "fixed_point", K: int = 5,
+                 eta: float = 0.1, warmup: int = 3):
+        if not isinstance(delta, Tensor) or not delta.is_cuda:
+            raise ValueError("CapturedHypergrad: CUDA graphs need CUDA tensors; delta is on "
+                             f"{getattr(delta, 'device', type(delta).__name__)} (call implicit_hypergrad instead)")
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
+            raise ValueError(f"CapturedHypergrad: warmup must be an integer >= 1, got {warmup!r}")
+        self.delta, self.params = delta, list(params)
+
+        def run():
+            return implicit_hypergrad(inner_loss, outer_loss, delta, self.params, solver=solver, K=K, eta=eta,
+                                      tol=None, check="none")
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                run()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.grads: List[Tensor] = run()
+
+    def __call__(self) -> List[Tensor]:
+        """Replay the captured solve on the current contents of the static inputs; returns :attr:`grads`."""
+        self.graph.replay()
+        return self.grads
