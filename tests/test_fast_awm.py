@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from _tiny import RandomPatch, tiny_cnn
+from _tiny import RandomPatch, patch_backdoored, tiny_cnn
 from torch import nn
 
 import fastpurify
@@ -14,7 +14,6 @@ from fastpurify.data import synthetic_dataset
 from fastpurify.defenses.awm import MaskedAdamClamp
 from fastpurify.metrics import evaluate
 from fastpurify.reference.defenses.awm import awm as awm_ref
-from fastpurify.train import train_backdoored
 
 # Two OpenMP threads stall on the shared 2-core test machine whenever another process holds a core
 # (tests/test_ref_ibau.py took 506 s with 2 threads, 43 s with 1): see the one_thread fixture.
@@ -27,11 +26,8 @@ def _tiny() -> nn.Module:
 
 @pytest.fixture(scope="module")
 def backdoored():
-    torch.manual_seed(0)
-    x, y = synthetic_dataset(n=1500, seed=1)
-    model, _ = train_backdoored(_tiny(), x, y, trigger=RandomPatch(3, seed=0), target=0, poison_rate=0.2,
-                                epochs=8, lr=0.01, augment=False)
-    return model.eval(), synthetic_dataset(n=128, seed=7), synthetic_dataset(n=300, split="test")
+    model = patch_backdoored()
+    return model, synthetic_dataset(n=128, seed=7), synthetic_dataset(n=300, split="test")
 
 
 def _eval(model, test):

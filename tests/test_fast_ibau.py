@@ -5,15 +5,13 @@ import copy
 
 import pytest
 import torch
-from _tiny import tiny_cnn
+from _tiny import additive_backdoored, tiny_cnn
 from torch import nn
 
 import fastpurify
 from fastpurify.data import synthetic_dataset
 from fastpurify.metrics import evaluate
 from fastpurify.reference.defenses.ibau import ibau as ibau_ref
-from fastpurify.train import train_backdoored
-from fastpurify.triggers import AddTrigger
 
 # Two OpenMP threads stall on the shared 2-core test machine whenever another process holds a core
 # (tests/test_ref_ibau.py took 506 s with 2 threads, 43 s with 1): see the one_thread fixture.
@@ -30,12 +28,8 @@ TARGET = 0
 @pytest.fixture(scope="module")
 def backdoored():
     # the fixture of tests/test_ref_ibau.py: an additive ±0.1 pattern, which a universal δ can represent
-    g = torch.Generator().manual_seed(0)
-    trigger = AddTrigger(0.1 * (torch.randint(0, 2, (3, 32, 32), generator=g).float() * 2 - 1))
-    x, y = synthetic_dataset(n=1024, seed=0)
-    model, _ = train_backdoored(_tiny(), x, y, trigger=trigger, target=TARGET, epochs=10, lr=0.05, batch_size=64,
-                                augment=False)
-    return model.eval(), trigger, synthetic_dataset(n=300, seed=5), synthetic_dataset(n=300, split="test")
+    model, trigger = additive_backdoored(TARGET)
+    return model, trigger, synthetic_dataset(n=300, seed=5), synthetic_dataset(n=300, split="test")
 
 
 # The authors' settings scaled to 300 images (as in tests/test_ref_ibau.py::test_lowers_attack_success).

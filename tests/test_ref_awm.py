@@ -11,14 +11,13 @@ import copy
 
 import pytest
 import torch
-from _tiny import RandomPatch, tiny_cnn
+from _tiny import RandomPatch, patch_backdoored, tiny_cnn
 from torch import nn
 
 from fastpurify.data import synthetic_dataset
 from fastpurify.defenses._loop import Loop, PurifyResult
 from fastpurify.metrics import evaluate
 from fastpurify.reference.defenses.awm import AWMConfig, awm, l1_rescale, mask_optimizer, mask_step
-from fastpurify.train import train_backdoored
 
 
 def _tiny(num_classes: int = 10) -> nn.Module:
@@ -64,11 +63,7 @@ def _threads():
 
 @pytest.fixture(scope="module")
 def backdoored():
-    torch.manual_seed(0)
-    x, y = synthetic_dataset(n=1500, seed=1)
-    model, _ = train_backdoored(_tiny(), x, y, trigger=RandomPatch(3, seed=0), target=0, poison_rate=0.2,
-                                epochs=8, lr=0.01, augment=False)
-    return model.eval()
+    return patch_backdoored()
 
 
 @pytest.fixture(scope="module")

@@ -12,14 +12,12 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from _tiny import tiny_cnn
+from _tiny import additive_backdoored, tiny_cnn
 from torch import nn
 
 from fastpurify.data import synthetic_dataset
 from fastpurify.metrics import evaluate
 from fastpurify.reference.defenses.sau import SAUConfig, project, sau, shared_pgd, unlearning_loss
-from fastpurify.train import train_backdoored
-from fastpurify.triggers import AddTrigger
 
 # Two OpenMP threads stall on the shared 2-core test machine whenever another process holds a core
 # (tests/test_ref_ibau.py took 506 s with 2 threads, 43 s with 1): see the one_thread fixture.
@@ -35,14 +33,10 @@ TARGET = 0
 
 @pytest.fixture(scope="module")
 def backdoored():
-    g = torch.Generator().manual_seed(0)
-    trigger = AddTrigger(0.1 * (torch.randint(0, 2, (3, 32, 32), generator=g).float() * 2 - 1))
-    x, y = synthetic_dataset(n=1024, seed=0)
-    model, _ = train_backdoored(_tiny(), x, y, trigger=trigger, target=TARGET, epochs=10, lr=0.05, batch_size=64,
-                                augment=False)
+    model, trigger = additive_backdoored(TARGET)
     clean = synthetic_dataset(n=256, seed=5)  # the defender's clean data: fresh draws of the same distribution
     test = synthetic_dataset(n=300, split="test")
-    return model.eval(), trigger, clean, test
+    return model, trigger, clean, test
 
 
 def _weights(model: nn.Module):
