@@ -1,4 +1,4 @@
-"""The ``fastpurify`` command line: ``info``, ``evaluate``, ``demo``.
+"""The ``fastpurify`` command line: ``info``, ``evaluate``, ``purify``, ``demo``, ``bench``.
 
 Errors in what the user gave (an unknown arch, a checkpoint that does not fit, a folder without CIFAR files,
 a malformed trigger spec, a label out of range) print one line ``fastpurify: error: ...`` and exit with
@@ -313,6 +313,17 @@ def _fmt_settings(d: dict) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------
+# bench (the logic is in fastpurify/bench.py)
+# --------------------------------------------------------------------------------------------------------
+
+
+def _cmd_bench(args) -> int:
+    from .bench import cli_run
+
+    return cli_run(args, _device(args.device))
+
+
+# --------------------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -372,6 +383,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_cmd_demo)
+
+    s = sub.add_parser("bench", help="time each defense's reference against its fast path on this machine")
+    s.add_argument("--defenses", nargs="+", default=None, help="sau ibau awm baerase bcu (default: all; commas ok)")
+    s.add_argument("--arch", default="small_vgg", help="synthetic workload's model: small_vgg | preact_resnet18 | "
+                                                       "resnet18 (with --checkpoint: its architecture)")
+    s.add_argument("--batch-size", type=int, default=None, help="every defense's batch size (default: its own)")
+    s.add_argument("--checkpoint", default=None, help="a backdoored checkpoint (or badnets | trojan_wm, the shared "
+                                                      "ones) instead of the synthetic workload")
+    s.add_argument("--data", default=None, help="with --checkpoint: folder holding cifar-10-batches-py")
+    s.add_argument("--trigger", default=None, help="with --checkpoint: the attack's trigger SPEC")
+    s.add_argument("--target", type=int, default=None, help="with --checkpoint: the attack's target label")
+    s.add_argument("--epochs", type=int, default=None, help="every defense's rounds (default: fastpurify.bench."
+                                                            "BENCH_SETTINGS)")
+    s.add_argument("--set", action="append", metavar="DEFENSE.KEY=VALUE", help="a setting, e.g. --set sau.lr=1e-4")
+    s.add_argument("--n-clean", type=int, default=None, help="clean images (default 500 synthetic / 2500 CIFAR)")
+    s.add_argument("--n-eval", type=int, default=None, help="evaluation images (default 500 synthetic / all)")
+    s.add_argument("--n-train", type=int, default=None, help="synthetic training images (default 3000)")
+    s.add_argument("--train-epochs", type=int, default=None, help="synthetic training epochs (default 4)")
+    s.add_argument("--repeats", type=int, default=1, help="timed calls per path (median; default 1)")
+    s.add_argument("--no-warmup", action="store_true", help="skip the throw-away warm-up call of each path")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default="auto")
+    s.add_argument("--json", action="store_true", help="print one JSON object (rows + environment)")
+    s.set_defaults(func=_cmd_bench)
     return p
 
 
