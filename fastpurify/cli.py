@@ -15,9 +15,11 @@ import time
 from typing import List, Optional
 
 from .backend import BackendUnavailableError
+from .defenses import TimeBudgetError
 
 # What the user gave was wrong or cannot run here: one line, no traceback.
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, BackendUnavailableError)
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, BackendUnavailableError,
+               TimeBudgetError)
 
 # The demo's synthetic workload (fastpurify.data.synthetic_dataset): sized so that a backdoored SmallVGG
 # trains to >= 90 % ACC and >= 95 % ASR in under 2 minutes on 2 CPU cores (tests/test_train.py checks it).
@@ -177,6 +179,8 @@ def _cmd_purify(args) -> int:
     fn = getattr(ref_defenses if args.reference else fast_defenses, name)
     if args.epochs is not None:
         hp["epochs"] = args.epochs
+    if args.time_budget is not None:
+        hp["time_budget"] = args.time_budget
     clean = x if name == "bcu" else (x, y)  # BCU uses no labels
 
     t0 = time.perf_counter()
@@ -196,7 +200,8 @@ def _cmd_purify(args) -> int:
         "before": {k: before.as_dict()[k] for k in ("acc", "asr", "ra")},
         "after": {k: after.as_dict()[k] for k in ("acc", "asr", "ra")},
         "der": der(before, after), "defense_seconds": result.timings.get("defense"), "eval_seconds": eval_s,
-        "status": result.status, "rounds": len(result.history), "config": result.config, "device": str(device),
+        "status": result.status, "rounds": len(result.history), "schedule": result.schedule,
+        "config": result.config, "device": str(device),
         "seed": args.seed, "out": args.out,
     }
     if args.json:
@@ -362,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--target", type=int, required=True, help="the attack's target label (used only to evaluate)")
     s.add_argument("--reference", action="store_true", help="run the faithful eager port of the published code")
     s.add_argument("--epochs", type=int, default=None)
+    s.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="finish within SECONDS: the schedule is fitted after a warm-up round (status and schedule say "
+                        "what ran)")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="a hyper-parameter, e.g. --set lr=1e-4 "
                                                                         "(repeatable; BAERASE: --set target=T)")
     s.add_argument("--seed", type=int, default=0)

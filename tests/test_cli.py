@@ -187,6 +187,21 @@ def test_purify_bad_inputs_are_one_clear_line(capsys, tmp_path):
 
 
 @needs_real
+def test_purify_time_budget(capsys):
+    base = ["--checkpoint", str(IBAU / "badnets_8_02_ckpt.pth"), "--data", str(DATA), "--clean-count", "256",
+            "--eval-count", "100", "--trigger", "patch:size=4,row=27,col=27,value=1", "--target", "8"]
+    # far too short for one step: one clear line, no model reported as purified
+    err = _err(capsys, ["purify", "sau", *base, "--time-budget", "0.001"])
+    assert "time_budget=0.001 s is too short for one useful step" in err and "after" not in err
+    # 100 epochs asked, 6 s given: the schedule is fitted and reported
+    assert main(["purify", "bcu", *base, "--epochs", "100", "--set", "batch_size=64", "--time-budget", "6",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["status"] == "budget_exhausted" and 1 <= out["rounds"] < 100 and out["defense_seconds"] < 6
+    assert out["schedule"]["rounds"] == out["rounds"] and out["schedule"]["requested_rounds"] == 100
+
+
+@needs_real
 def test_purify_unknown_hyperparameter_lists_valid_ones(capsys):
     err = _err(capsys, ["purify", "ibau", "--checkpoint", str(IBAU / "badnets_8_02_ckpt.pth"), "--data", str(DATA),
                         "--clean-count", "100", "--eval-count", "50", "--set", "tau=3", "--trigger",

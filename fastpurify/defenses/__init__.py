@@ -11,7 +11,7 @@ import importlib
 from pathlib import Path
 from typing import Any, Dict
 
-from ._loop import EvalSet, PurifyResult
+from ._loop import EvalSet, PurifyResult, TimeBudgetError
 
 DEFENSES = ("sau", "ibau", "awm", "baerase", "bcu")
 CLASSES = {"SAU": "sau", "IBAU": "ibau", "AWM": "awm", "BAERASE": "baerase", "BCU": "bcu"}
@@ -70,4 +70,4 @@ for _name in DEFENSES:
 del _name
 
 
-__all__ = ["DEFENSES", "EvalSet", "PurifyResult", "status", *DEFENSES, *CLASSES]
+__all__ = ["DEFENSES", "EvalSet", "PurifyResult", "TimeBudgetError", "status", *DEFENSES, *CLASSES]

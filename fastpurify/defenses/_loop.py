@@ -26,6 +26,15 @@ from ._inputs import CleanData, Normalize, check_normalization, prepare
 
 STATUSES = ("completed", "budget_exhausted")
 
+# The part of a time budget kept back for what follows the last step (the final model, moving it back to the
+# user's device, the result): a share of the budget, at least a few milliseconds.
+BUDGET_RESERVE = 0.02
+BUDGET_RESERVE_MIN_S = 0.02
+
+
+class TimeBudgetError(RuntimeError):
+    """The ``time_budget`` ran out before the defense could change the model once: nothing was purified."""
+
 
 @dataclass
 class EvalSet:
@@ -81,9 +90,10 @@ class Loop:
 
     def __init__(self, name: str, rounds: int, *, device: torch.device, seed: int, progress: bool,
                  time_budget: Optional[float], eval_fn: Optional[Callable[[], Dict[str, float]]], eval_every: int,
-                 sync_checks: bool = True) -> None:
+                 sync_checks: bool = True, clock_start: Optional[float] = None) -> None:
         self.name = name
-        self.total_rounds = rounds
+        self.total_rounds = rounds  # may be lowered after the warm-up round when a time budget is given
+        self.requested_rounds = rounds
         self.device = device
         self.progress = progress and sys.stderr.isatty()
         self.time_budget = time_budget
@@ -94,12 +104,23 @@ class Loop:
         self.history: List[Dict[str, Any]] = []
         self.timings: Dict[str, float] = defaultdict(float)
         self.status = "completed"
+        self.schedule: Dict[str, Any] = {}  # what ran (result.schedule); defenses add their inner phases
         self.round = -1
         self.step_in_round = 0
         self._pending: Dict[str, Any] = {}
         self._bad_step: Optional[Tensor] = None
         self._start = None
         self._eval_seconds = 0.0
+        # time budget: the clock starts when the defense was called (setup counts), evaluation does not count
+        self._origin = time.perf_counter() if clock_start is None else clock_start
+        self._cut = False  # the budget stopped the run
+        self._updated = False  # a step changed the model
+        self._first_update_at: Optional[float] = None  # budget clock at the end of the first model step
+        self._last_tick: Optional[float] = None
+        self._step_costs: List[float] = []
+        self._round_costs: List[float] = []
+        self._once_seconds = 0.0  # one-off work in the current round (phase(once=True))
+        self._cut_steps: Optional[Dict[str, int]] = None
 
     # ------------------------------------------------------------------------------------------- timing
     def _sync(self) -> None:
@@ -107,28 +128,116 @@ class Loop:
             torch.cuda.synchronize(self.device)
 
     @contextlib.contextmanager
-    def phase(self, name: str):
-        """Time a phase of the defense (synchronising the GPU at its ends so the time is the work's)."""
+    def phase(self, name: str, *, once: bool = False):
+        """Time a phase of the defense (synchronising the GPU at its ends so the time is the work's).
+        ``once=True`` marks one-off work inside a round (e.g. BAERASE's trigger recovery in the first round):
+        a time budget's planner leaves it out of the cost of a round."""
         self._sync()
         t0 = time.perf_counter()
         try:
             yield
         finally:
             self._sync()
-            self.timings[name] += time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            self.timings[name] += dt
+            if once:
+                self._once_seconds += dt
 
     def elapsed(self) -> float:
         """Seconds of defense so far (evaluation excluded)."""
         return 0.0 if self._start is None else time.perf_counter() - self._start - self._eval_seconds
 
+    # ------------------------------------------------------------------------------------------- budget
+    def _budget_clock(self) -> float:
+        """Seconds since the defense was called, evaluation excluded (what the time budget is spent on). On
+        CUDA the device is synchronised first, so that queued work counts: with a budget, one sync per step."""
+        self._sync()
+        return time.perf_counter() - self._origin - self._eval_seconds
+
+    def _limit(self) -> float:
+        b = float(self.time_budget)
+        return b - max(BUDGET_RESERVE * b, BUDGET_RESERVE_MIN_S)
+
+    def remaining(self) -> float:
+        """Seconds of the time budget left for steps (``inf`` without a budget)."""
+        if self.time_budget is None:
+            return math.inf
+        return self._limit() - self._budget_clock()
+
+    def out_of_time(self) -> bool:
+        """At a step boundary: ``True`` when the next step would not finish within the budget (then the run
+        stops: every later call and :meth:`batches` say so too, and :meth:`rounds` ends after this round).
+        Measures the cost of the step since the previous boundary. Always ``False`` without a budget.
+
+        Raises :class:`TimeBudgetError` when the budget ran out before any step changed the model."""
+        if self.time_budget is None:
+            return False
+        if self._cut:
+            return True
+        now = self._budget_clock()
+        if self._last_tick is not None:
+            self._step_costs = (self._step_costs + [now - self._last_tick])[-3:]
+        self._last_tick = now
+        if self._updated and self._first_update_at is None:
+            self._first_update_at = now
+        # the next step is predicted to cost as much as the dearest of the last three
+        predicted = max(self._step_costs) if self._step_costs else 0.0
+        if now + predicted <= self._limit():
+            return False
+        self._cut = True
+        self._cut_steps = {"round": self.round + 1, "steps": self.step_in_round}
+        if not self._updated or (self._first_update_at is not None and self._first_update_at > self.time_budget):
+            # nothing changed the model, or the first step alone overran the budget: not a purification
+            self._too_short(now, predicted)
+        return True
+
+    def _too_short(self, spent: float, cost: float) -> None:
+        cost = cost if cost > 0 else spent
+        what = ("without changing the model" if not self._updated else
+                f"and the first step alone ended at {self._first_update_at:.2f} s, past the budget")
+        raise TimeBudgetError(
+            f"{self.name}: time_budget={self.time_budget:g} s is too short for one useful step: {spent:.2f} s went "
+            f"to setup and warm-up {what} (one step costs about {cost:.2f} s); give at least "
+            f"{spent + 2 * cost:.1f} s, or time_budget=None. Nothing was returned as purified.")
+
+    def fit(self, requested: int, cost_each: float, share: float = 1.0) -> int:
+        """How many units of an inner phase (e.g. recovery epochs), each costing about ``cost_each`` seconds,
+        fit in ``share`` of the remaining budget: ``requested`` without a budget, else between 1 and
+        ``requested`` (0 when ``requested`` is 0)."""
+        if requested <= 0:
+            return 0
+        if self.time_budget is None:
+            return requested
+        left = share * self.remaining()
+        n = int(left // cost_each) if cost_each > 0 else requested
+        return max(1, min(requested, n))
+
+    def _plan(self, done: int) -> None:
+        """After ``done`` rounds: fit the remaining rounds into the budget (lowering or restoring
+        ``total_rounds``). The first round, which carries the warm-up, is used alone only until a second
+        round was timed."""
+        costs = self._round_costs[1:] or self._round_costs
+        per_round = sum(costs) / len(costs)
+        left = self.remaining()
+        more = max(0, int(round(left / per_round))) if per_round > 0 else self.requested_rounds
+        planned = min(self.requested_rounds, done + more)
+        self.total_rounds = planned
+        self.schedule.update(round_seconds=per_round, planned_rounds=planned)
+
     # ------------------------------------------------------------------------------------------- data
     def batches(self, n: int, batch_size: int, *, shuffle: bool = True, drop_last: bool = False,
-                replacement: bool = False, steps: Optional[int] = None) -> Iterator[Tensor]:
+                replacement: bool = False, steps: Optional[int] = None, budget: bool = True) -> Iterator[Tensor]:
         """Index tensors (on the device) over ``n`` samples: an epoch in seeded random order (or in order),
-        or ``steps`` batches drawn with replacement."""
+        or ``steps`` batches drawn with replacement. With a time budget, stops early when the next step would
+        not fit (:meth:`out_of_time`); ``budget=False`` for passes that must run whole (scoring)."""
+        timed = budget and self.time_budget is not None
         if replacement:
             for _ in range(steps if steps is not None else max(1, n // batch_size)):
+                if timed and self.out_of_time():
+                    return
                 yield torch.randint(0, n, (batch_size,), generator=self.generator).to(self.device)
+            if timed:
+                self.out_of_time()  # time the last step
             return
         order = torch.randperm(n, generator=self.generator) if shuffle else torch.arange(n)
         order = order.to(self.device)
@@ -136,9 +245,13 @@ class Loop:
         count = 0
         for s in range(0, stop, batch_size):
             if steps is not None and count >= steps:
+                break
+            if timed and self.out_of_time():
                 return
             count += 1
             yield order[s:s + batch_size]
+        if timed:
+            self.out_of_time()  # time the last step
 
     # ------------------------------------------------------------------------------------------- steps
     def check_finite(self, loss: Tensor, what: str = "loss") -> None:
@@ -155,13 +268,18 @@ class Loop:
         first = torch.where(bad, torch.as_tensor(step, device=loss.device), torch.as_tensor(-1, device=loss.device))
         self._bad_step = first if self._bad_step is None else torch.where(self._bad_step >= 0, self._bad_step, first)
 
-    def step(self, optimizer: torch.optim.Optimizer, loss: Optional[Tensor] = None) -> None:
-        """The one point where weights change: backward (when ``loss`` is given), optimizer step, zero grad."""
+    def step(self, optimizer: torch.optim.Optimizer, loss: Optional[Tensor] = None, *,
+             updates_model: bool = True) -> None:
+        """The one point where weights change: backward (when ``loss`` is given), optimizer step, zero grad.
+        ``updates_model=False`` for optimizers of auxiliary networks (e.g. BAERASE's generator): their steps
+        do not count as purification for the time budget's too-short check."""
         if loss is not None:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
         optimizer.step()
-        self.step_in_round += 1
+        if updates_model:
+            self._updated = True
+            self.step_in_round += 1
 
     def log(self, **values: Any) -> None:
         """Record values for this round (tensors are read once, at the round's end)."""
@@ -170,23 +288,39 @@ class Loop:
 
     # ------------------------------------------------------------------------------------------- rounds
     def rounds(self) -> Iterator[int]:
-        """Yield round indices 0..rounds-1; stop early when the time budget cannot fit another round."""
+        """Yield round indices. With a time budget, the first round is the warm-up: after it (and after every
+        later round) the remaining rounds are fitted into the budget from the measured round cost, and
+        ``total_rounds`` is lowered to what fits (defenses whose schedule depends on the number of rounds read
+        ``total_rounds`` each round, so their schedule is compressed, not cut); a round the budget cuts short
+        (:meth:`batches`) is the last. ``status`` becomes ``"budget_exhausted"`` when fewer rounds than asked
+        ran; ``schedule`` records what ran."""
         bar = None
         if self.progress:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=self.total_rounds, desc=self.name, unit="round", leave=False, file=sys.stderr)
         self._start = time.perf_counter()
+        r = 0
         try:
-            for r in range(self.total_rounds):
+            while r < self.total_rounds:
                 if self.time_budget is not None and r > 0:
-                    per_round = self.elapsed() / r
-                    if self.elapsed() + per_round > self.time_budget:
-                        self.status = "budget_exhausted"
+                    if self._cut:
+                        break
+                    self._plan(r)
+                    if bar is not None:
+                        bar.total = self.total_rounds
+                    if r >= self.total_rounds:
+                        if not self._updated:  # nothing was purified
+                            self._too_short(self._budget_clock(), self.schedule["round_seconds"])
                         break
                 self.round, self.step_in_round, self._pending, self._bad_step = r, 0, {}, None
+                self._once_seconds = 0.0
+                t_round = self._budget_clock() if self.time_budget is not None else 0.0
                 yield r
+                if self.time_budget is not None:
+                    self._round_costs.append(self._budget_clock() - t_round - self._once_seconds)
                 self._end_round()
+                r += 1
                 if bar is not None:
                     bar.update(1)
                     last = self.history[-1]
@@ -196,6 +330,12 @@ class Loop:
                 bar.close()
             self.timings["defense"] = self.elapsed()
             self.timings["eval"] = self._eval_seconds
+            if self._cut or self.total_rounds < self.requested_rounds:
+                self.status = "budget_exhausted"
+            self.schedule.update(rounds=len(self.history), requested_rounds=self.requested_rounds,
+                                 time_budget=self.time_budget)
+            if self._cut_steps is not None:
+                self.schedule["cut_in_round"] = self._cut_steps
 
     def _end_round(self) -> None:
         if self._bad_step is not None:
@@ -209,7 +349,7 @@ class Loop:
             values = torch.stack([t.float().mean() for t in tensors.values()]).tolist()
             rec.update(dict(zip(tensors, values)))
         rec.update({k: v for k, v in self._pending.items() if not isinstance(v, Tensor)})
-        last = self.round + 1 == self.total_rounds
+        last = self.round + 1 == self.total_rounds or self._cut
         if self.eval_fn is not None and ((self.round + 1) % self.eval_every == 0 or last):
             self._sync()
             t0 = time.perf_counter()
@@ -280,6 +420,7 @@ def run_defense(name: str, algorithm: Callable[..., Optional[Dict[str, Any]]], c
     """Check everything, then run ``algorithm(net, data, cfg, loop)`` on a copy of ``model`` (``net`` is the
     copy behind the normalisation, if any) and return a :class:`PurifyResult`. ``algorithm`` may return a
     dict of extras for ``result.info``."""
+    clock_start = time.perf_counter()
     if not isinstance(model, nn.Module):
         raise TypeError(f"{name}: model must be a torch.nn.Module, got {type(model).__name__}")
     cfg = _config(config_cls, epochs, hyperparameters, name)
@@ -313,7 +454,7 @@ def run_defense(name: str, algorithm: Callable[..., Optional[Dict[str, Any]]], c
                 return {k: v for k, v in (("acc", r.acc), ("asr", r.asr), ("ra", r.ra)) if v is not None}
 
         loop = Loop(name, cfg.epochs, device=dev, seed=seed, progress=progress, time_budget=time_budget,
-                    eval_fn=eval_fn, eval_every=eval_every, sync_checks=sync_checks)
+                    eval_fn=eval_fn, eval_every=eval_every, sync_checks=sync_checks, clock_start=clock_start)
         devices = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
@@ -328,7 +469,7 @@ def run_defense(name: str, algorithm: Callable[..., Optional[Dict[str, Any]]], c
     n_images = len(data) * max(1, len(loop.history))
     timings["images_per_s"] = n_images / timings["defense"] if timings.get("defense") else 0.0
     return PurifyResult(model=work, history=loop.history, timings=timings, status=loop.status, defense=name,
-                        config=dataclasses.asdict(cfg), info=info)
+                        config=dataclasses.asdict(cfg), info=info, schedule=dict(loop.schedule))
 
 
 def _channels(clean_data: Any) -> int:

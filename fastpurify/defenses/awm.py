@@ -172,7 +172,7 @@ def _awm(net: nn.Module, data, cfg: AWMConfig, loop) -> Dict[str, Any]:
         if r == 0 and cfg.shrink_steps:
             for m in masks:
                 m.requires_grad_(True)
-            with loop.phase("shrink"):
+            with loop.phase("shrink", once=True):  # one-off (first round only)
                 _shrink(mm, data, cfg, loop, steps, masks)
         lr = opt.param_groups[0]["lr"]
         for m in masks:  # the recovery needs input gradients only

@@ -83,6 +83,8 @@ def perturbation_pass(net: nn.Module, xs, cfg: IBAUConfig, loop) -> Dict[str, Te
     loss_sum = torch.zeros((), device=x0.device)
     autocast = torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     for x in xs:
+        if loop.out_of_time():  # a time budget ran out: the round ends here
+            break
         with torch.no_grad(), autocast:
             pseudo = net(x).argmax(1)
         # The leaf is the per-sample input x + δ: its gradient is the batch of per-sample ∂CE_b/∂δ, which
@@ -128,7 +130,8 @@ def _ibau(net: nn.Module, data, cfg: FastIBAUConfig, loop) -> Dict[str, Any]:
     dev = data.x.device
     pert = torch.zeros((1, *data.x.shape[1:]), device=dev)
     for _ in loop.rounds():
-        batches = list(loop.batches(len(data), cfg.batch_size, shuffle=cfg.shuffle))
+        # drawn whole (both passes use them); the time budget is checked at each step instead
+        batches = list(loop.batches(len(data), cfg.batch_size, shuffle=cfg.shuffle, budget=False))
         xs = [data.x[idx] for idx in batches]  # gathered once, used by both passes
         ys = [data.y[idx] for idx in batches]
 
@@ -144,7 +147,10 @@ def _ibau(net: nn.Module, data, cfg: FastIBAUConfig, loop) -> Dict[str, Any]:
 
         outer_sum = torch.zeros((), device=dev)
         iters_sum = torch.zeros((), device=dev)
+        steps = 0
         for xj, yj, mask in zip(xs, ys, _row_masks(xs, cfg.outer_portion, loop.generator, dev)):
+            if loop.out_of_time():
+                break
 
             def outer_loss(d: Tensor, xj=xj, yj=yj, mask=mask) -> Tensor:  # L_out = CE(f(Xj + Mj⊙δ), Yj)
                 inp = xj + mask * d
@@ -160,7 +166,8 @@ def _ibau(net: nn.Module, data, cfg: FastIBAUConfig, loop) -> Dict[str, Any]:
                 loop.step(opt)
             outer_sum += info["outer_loss"]
             iters_sum += info["solver_iters"]
-        n = len(batches)
+            steps += 1
+        n = max(1, steps)
         loop.log(loss=outer_sum / n, delta_loss=p["loss"] / n, delta_norm=torch.linalg.vector_norm(pert),
                  solver_iters=iters_sum / n)
     for prm in params:

@@ -253,7 +253,7 @@ def _awm(net: nn.Module, data, cfg: AWMConfig, loop) -> dict:
         for r in loop.rounds():
             net.eval()
             if r == 0 and cfg.shrink_steps:
-                with loop.phase("shrink"):
+                with loop.phase("shrink", once=True):  # one-off (first round only)
                     _shrink(net, data, cfg, loop, steps, masks)
             lr = opt.param_groups[0]["lr"]
             with loop.phase("recover"):

@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -300,7 +301,7 @@ def _flip_rates(net: nn.Module, gen: Generator, data, classes: List[int], cfg: B
     total = torch.zeros(len(classes), device=data.x.device)
     try:
         with torch.no_grad():
-            for idx in loop.batches(len(data), cfg.batch_size, shuffle=False):
+            for idx in loop.batches(len(data), cfg.batch_size, shuffle=False, budget=False):
                 x, y = data.x[idx], data.y[idx]
                 z = torch.rand(len(classes), len(idx), cfg.noise_dim, generator=loop.generator).to(x.device)
                 row, col = location(x.shape[2], x.shape[3], cfg.patch_size, cfg.position, loop.generator)
@@ -339,7 +340,15 @@ def _recover(net: nn.Module, data, classes: List[int], cfg: BAERASEConfig, loop)
     def rand(*shape):
         return torch.rand(*shape, generator=loop.generator).to(dev)
 
-    for epoch in range(cfg.recovery_epochs):
+    # With a time budget, the epochs after the first are fitted into half of what remains (loop.fit).
+    epochs, epoch, t_first = cfg.recovery_epochs, 0, None
+    while epoch < epochs:
+        if epoch == 1:
+            epochs = 1 + loop.fit(cfg.recovery_epochs - 1, t_first, share=0.5)
+            loop.schedule["recovery_epochs"] = epochs
+            if epoch >= epochs:
+                break
+        t0 = time.perf_counter()
         hinge_sum, mi_sum, hits, total, count = 0.0, 0.0, 0.0, 0.0, 0
         for idx in loop.batches(len(data), cfg.batch_size, shuffle=True):
             b = len(idx)
@@ -357,13 +366,13 @@ def _recover(net: nn.Module, data, classes: List[int], cfg: BAERASEConfig, loop)
             mi = dv_bound(mine(z, patch), mine(z1, patch))
             g_loss = (-hinge - cfg.mi_weight * mi).sum()  # K independent losses: their gradients do not mix
             loop.check_finite(g_loss, "generator loss")
-            loop.step(g_opt, g_loss)  # as published: the backward also fills f's and T's .grad
+            loop.step(g_opt, g_loss, updates_model=False)  # as published: the backward also fills f's and T's .grad
             # Statistics-network step on fresh draws: maximise the bias-corrected bound.
             z, z1 = rand(kk, b, cfg.noise_dim), rand(kk, b, cfg.noise_dim)
             patch = gen(z)
             m_loss = -mine_loss(mine(z, patch), mine(z1, patch), ma, cfg.ma_rate).sum()
             loop.check_finite(m_loss, "MINE loss")
-            loop.step(m_opt, m_loss)
+            loop.step(m_opt, m_loss, updates_model=False)
             with torch.no_grad():
                 other = y.unsqueeze(0) != cls.unsqueeze(1)
                 hits = hits + ((logits.argmax(-1) == cls.unsqueeze(1)) & other).sum(1)
@@ -372,6 +381,9 @@ def _recover(net: nn.Module, data, classes: List[int], cfg: BAERASEConfig, loop)
         if count:
             logs.append({"epoch": epoch + 1, "hinge": (hinge_sum / count).tolist(), "mi": (mi_sum / count).tolist(),
                          "flip_rate": (hits / torch.clamp(torch.as_tensor(total), min=1)).tolist()})
+        t_first = time.perf_counter() - t0 if t_first is None else t_first
+        epoch += 1
+    loop.schedule.setdefault("recovery_epochs", epoch)
     return gen, logs
 
 
@@ -395,7 +407,7 @@ def _baerase(net: nn.Module, data, cfg: BAERASEConfig, loop) -> dict:
             if stopped:
                 break
             if r == 0:
-                with loop.phase("recover"):
+                with loop.phase("recover", once=True):  # one-off: the budget's planner leaves it out
                     gen, logs = _recover(net, data, classes, cfg, loop)
                     scores = _flip_rates(net, gen, data, classes, cfg, loop)
                     best = int(torch.argmax(scores))  # the first maximum: the lowest class on ties

@@ -35,6 +35,7 @@ What this port chose, and why:
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -211,7 +212,13 @@ def _bcu(net: nn.Module, data, cfg: BCUConfig, loop) -> dict:
     aug_gen = torch.Generator(device=data.x.device).manual_seed(int(torch.randint(0, 2**62, (1,),
                                                                                 generator=loop.generator)))
     for e in loop.rounds():
-        temp = cfg.temperature_start + cfg.temperature_rise * (e + 1) / cfg.epochs
+        # loop.total_rounds is cfg.epochs unless a time budget compressed the schedule (then the temperature
+        # ramp and the cosine run over the rounds that fit)
+        temp = cfg.temperature_start + cfg.temperature_rise * (e + 1) / loop.total_rounds
+        if loop.total_rounds != cfg.epochs:
+            t_max = cfg.cosine_t_max * loop.total_rounds / cfg.epochs
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * (1 + math.cos(math.pi * e / t_max)) / 2
         total, batches = 0.0, 0
         with loop.phase("distill"):
             for idx in loop.batches(len(data), cfg.batch_size, shuffle=True):

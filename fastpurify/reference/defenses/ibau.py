@@ -237,7 +237,8 @@ def _ibau(net: nn.Module, data, cfg: IBAUConfig, loop) -> Dict[str, Any]:
     dev = data.x.device
     pert = torch.zeros((1, *data.x.shape[1:]), device=dev)
     for _ in loop.rounds():
-        batches = list(loop.batches(len(data), cfg.batch_size, shuffle=cfg.shuffle))
+        # drawn whole (both passes use them); a time budget is checked at each step instead
+        batches = list(loop.batches(len(data), cfg.batch_size, shuffle=cfg.shuffle, budget=False))
 
         # 1. Perturbation pass: one universal δ, ascended on the pseudo-label loss.
         delta = torch.zeros((1, *data.x.shape[1:]), device=dev, requires_grad=True)
@@ -245,6 +246,8 @@ def _ibau(net: nn.Module, data, cfg: IBAUConfig, loop) -> Dict[str, Any]:
         delta_loss = torch.zeros((), device=dev)
         with loop.phase("attack"):
             for idx in batches:
+                if loop.out_of_time():  # a time budget ran out: the round ends here
+                    break
                 x = data.x[idx]
                 pseudo = torch.argmax(net(x), dim=1)  # with a graph, as published
                 loss = -F.cross_entropy(net(_perturbed(x, delta, cfg.clamp_images)), pseudo)
@@ -267,8 +270,10 @@ def _ibau(net: nn.Module, data, cfg: IBAUConfig, loop) -> Dict[str, Any]:
             (g,) = torch.autograd.grad(inner, [d], create_graph=True)
             return d - cfg.inner_lr * g
 
-        outer_sum, iters_sum = torch.zeros((), device=dev), 0
+        outer_sum, iters_sum, steps = torch.zeros((), device=dev), 0, 0
         for idx in batches:
+            if loop.out_of_time():
+                break
             xj, yj = data.x[idx], data.y[idx]
             n_rows = int(xj.shape[0] * cfg.outer_portion)
             rows = torch.randperm(xj.shape[0], generator=loop.generator)[:n_rows].to(dev)
@@ -290,8 +295,9 @@ def _ibau(net: nn.Module, data, cfg: IBAUConfig, loop) -> Dict[str, Any]:
                 loop.step(opt)
             outer_sum += info["outer_loss"]
             iters_sum += info["solver_iters"]
-        loop.log(loss=outer_sum / len(batches), delta_loss=delta_loss / len(batches), delta_norm=torch.norm(pert),
-                 solver_iters=iters_sum / len(batches))
+            steps += 1
+        n = max(1, steps)
+        loop.log(loss=outer_sum / n, delta_loss=delta_loss / n, delta_norm=torch.norm(pert), solver_iters=iters_sum / n)
     net.eval()
     return {"delta": pert.detach().cpu()}
 
