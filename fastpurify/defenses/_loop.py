@@ -302,17 +302,17 @@ class Loop:
         self._start = time.perf_counter()
         r = 0
         try:
-            while r < self.total_rounds:
+            while True:
                 if self.time_budget is not None and r > 0:
                     if self._cut:
                         break
-                    self._plan(r)
+                    self._plan(r)  # re-planned after every round, also when the last plan said stop here
                     if bar is not None:
                         bar.total = self.total_rounds
-                    if r >= self.total_rounds:
-                        if not self._updated:  # nothing was purified
-                            self._too_short(self._budget_clock(), self.schedule["round_seconds"])
-                        break
+                    if r >= self.total_rounds and not self._updated:  # nothing was purified
+                        self._too_short(self._budget_clock(), self.schedule["round_seconds"])
+                if r >= self.total_rounds:
+                    break
                 self.round, self.step_in_round, self._pending, self._bad_step = r, 0, {}, None
                 self._once_seconds = 0.0
                 t_round = self._budget_clock() if self.time_budget is not None else 0.0
