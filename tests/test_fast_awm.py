@@ -143,3 +143,17 @@ def test_fast_awm_validates_and_leaves_the_user_model_untouched(backdoored):
     assert all(torch.equal(state[k], v) for k, v in user.state_dict().items())
     assert [p.requires_grad for p in user.parameters()] == flags and not user.training
     assert all(p.grad is None for p in user.parameters()) and r.model is not user
+
+
+def test_fast_awm_bf16_runs_and_purifies(backdoored):
+    # bf16 is an option, off by default: on this tiny model it purifies less within 3 rounds (measured ASR
+    # 91.9 -> 51.5 % bf16 vs 34.4 % fp32, ACC 83.3 vs 89.3 %), so no parity is claimed here
+    model, clean, test = backdoored
+    kw = dict(trigger_norm=100.0, progress=False, seed=0, epochs=3)
+    fp32, bf16 = fastpurify.awm(model, clean, **kw), fastpurify.awm(model, clean, precision="bf16", **kw)
+    assert bf16.config["precision"] == "bf16" and all(m.dtype == torch.float32 for m in bf16.info["masks"].values())
+    a, b = _eval(fp32.model, test), _eval(bf16.model, test)
+    assert b.asr < _eval(model, test).asr - 30 and a.asr < _eval(model, test).asr - 30  # both purify
+    assert b.acc > 70, b
+    with pytest.raises(ValueError, match=r"precision='fp16' is not valid; expected one of: 'fp32', 'bf16'"):
+        fastpurify.awm(model, clean, precision="fp16", progress=False)

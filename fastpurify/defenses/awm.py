@@ -20,6 +20,9 @@ What changes against the reference, and why it is the same method:
   layers, behind a small ``torch.optim.Optimizer`` so that the weights still change at the loop's one step
   point (DESIGN rule 9) and ``lr_decay`` is the same ``ExponentialLR``; the unused L2 norm of the masks and the
   per-step ``loss.item()`` are gone (statistics stay on the device, read once per round);
+- ``precision="bf16"`` runs the model's forwards (recovery and mask update) under bf16 autocast; masks, Δ,
+  the losses and Adam stay fp32 (off by default: on the tiny test model it purified less in 3 rounds — ASR
+  91.9 → 51.5 % against 34.4 % in fp32 — so measure the quality on your model first);
 - the result is folded the reference's way: the conv weights of the model ``run_defense`` returns (the copy,
   or the user's model with ``inplace=True``) become θ ⊙ m in place — a plain model of the user's class.
 
@@ -39,6 +42,7 @@ the one-launch W_eff / mask-gradient / optimiser steps and the absent host syncs
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
@@ -50,7 +54,24 @@ from ..ops.masked_conv import masked_adam_clamp_
 from ..ops.universal import universal_update_
 from ..reference.defenses.awm import AWMConfig
 from ._inputs import Normalize
-from ._loop import PurifyResult, run_defense
+from ._loop import PurifyResult, check_choice, run_defense
+
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass
+class FastAWMConfig(AWMConfig):
+    """The reference's hyper-parameters (same defaults) plus the fast path's execution option."""
+
+    precision: str = "fp32"  # "bf16": the model's forwards (recovery and mask update) under bf16 autocast
+
+    def validate(self) -> None:
+        super().validate()
+        check_choice("precision", self.precision, PRECISIONS)
+
+
+def _autocast(cfg, device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=getattr(cfg, "precision", "fp32") == "bf16")
 
 
 class MaskedAdamClamp(torch.optim.Optimizer):
@@ -104,12 +125,14 @@ def recover_trigger(mm: MaskedModel, data, cfg: AWMConfig, loop, steps: int) -> 
     delta = torch.zeros((1, *data.x.shape[1:]), device=data.x.device)
     for t, idx in enumerate(loop.batches(len(data), cfg.batch_size, replacement=True, steps=steps)):
         x = data.x[idx]
-        with torch.no_grad():
+        with torch.no_grad(), _autocast(cfg, x.device):
             pseudo = mm(x).argmax(1)
         # The leaf is the per-sample input x + Δ: its gradient is the batch of per-sample gradients, which the
         # fused update averages in the same pass as the step; nothing else in the model requires grad.
         leaf = (x + delta).requires_grad_(True)
-        ce_sum = F.cross_entropy(mm(leaf), pseudo, reduction="sum")
+        with _autocast(cfg, x.device):
+            logits = mm(leaf)
+        ce_sum = F.cross_entropy(logits.float(), pseudo, reduction="sum")
         (g,) = torch.autograd.grad(ce_sum, leaf)
         loop.check_finite(ce_sum, "trigger-recovery loss")
         last = t == steps - 1
@@ -134,7 +157,11 @@ def update_masks(mm: MaskedModel, data, cfg: AWMConfig, loop, steps: int, delta:
         x, y = data.x[idx], data.y[idx]
         n = x.shape[0]
         # eval mode: one forward of the 2B rows gives each row what its own forward would (one W_eff build)
-        out_noise, out_clean = torch.split(mm(torch.cat([torch.clamp(x + delta, 0.0, 1.0), x])), n)
+        with _autocast(cfg, x.device):
+            if x.is_cuda:  # one launch sequence for both batches
+                out_noise, out_clean = torch.split(mm(torch.cat([torch.clamp(x + delta, 0.0, 1.0), x])).float(), n)
+            else:  # on CPU two forwards of B rows measured faster than one of 2B (SmallVGG, 2 threads)
+                out_noise, out_clean = mm(torch.clamp(x + delta, 0.0, 1.0)).float(), mm(x).float()
         loss = cfg.alpha * F.cross_entropy(out_clean, y) + (1 - cfg.alpha) * F.cross_entropy(out_noise, y)
         with torch.no_grad():
             logged = loss.detach() + cfg.gamma * _l1(masks)  # the reference's loss, L1 term included
@@ -155,7 +182,7 @@ def _shrink(mm: MaskedModel, data, cfg: AWMConfig, loop, steps: int, masks) -> N
             loop.step(opt, loss)
 
 
-def _awm(net: nn.Module, data, cfg: AWMConfig, loop) -> Dict[str, Any]:
+def _awm(net: nn.Module, data, cfg: FastAWMConfig, loop) -> Dict[str, Any]:
     if not any(isinstance(m, nn.Conv2d) for m in net.modules()):
         raise ValueError("AWM masks the Conv2d layers of the model, and this model has none")
     steps = max(1, len(data) // cfg.batch_size) * cfg.inner
@@ -219,4 +246,4 @@ def awm(model: nn.Module, clean_data, **kwargs) -> PurifyResult:
         >>> r.status, sorted(r.info["masks"])[0], type(r.model).__name__
         ('completed', 'features.0', 'SmallVGG')
     """
-    return run_defense("awm", _awm, AWMConfig, model, clean_data, allow_small=True, sync_checks=False, **kwargs)
+    return run_defense("awm", _awm, FastAWMConfig, model, clean_data, allow_small=True, sync_checks=False, **kwargs)
