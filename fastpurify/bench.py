@@ -61,7 +61,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-DEFENSES = ("sau", "ibau", "awm", "baerase", "bcu")
+from .defenses import DEFENSES
 
 #: Per-defense settings of a bench run: the published hyper-parameters except for the schedule, shortened so
 #: that reference + fast path of all five finish in minutes on a CPU for the synthetic workload (500 clean
@@ -554,12 +554,8 @@ __all__ = ["BENCH_SETTINGS", "DEFENSES", "SHARED_CHECKPOINTS", "SYNTHETIC", "WAR
 
 
 # --------------------------------------------------------------------------------------------------------
-# ``fastpurify bench`` (the parser lines and ``_cmd_bench`` are in fastpurify/cli.py)
+# ``--set DEFENSE.KEY=VALUE`` of ``fastpurify bench`` and benchmarks/end_to_end.py
 # --------------------------------------------------------------------------------------------------------
-
-
-def _split_names(items: Optional[Sequence[str]]) -> List[str]:
-    return [n for item in items or [] for n in str(item).split(",") if n.strip()]
 
 
 def parse_defense_sets(items: Optional[Sequence[str]]) -> Dict[str, Dict[str, Any]]:
@@ -574,67 +570,3 @@ def parse_defense_sets(items: Optional[Sequence[str]]) -> Dict[str, Dict[str, An
                              "e.g. --set sau.epochs=2")
         per.setdefault(d.lower(), {})[k] = value
     return per
-
-
-def cli_run(args, device: torch.device) -> int:
-    """``fastpurify bench``: build the workload the options name, run the comparison, print a table (or one
-    JSON object with ``--json``). Raises ValueError (one line, exit 2) for bad input before any work."""
-    import json
-
-    names = check_defenses(_split_names(args.defenses) or list(DEFENSES))
-    _check_arch(args.arch)
-    for opt in ("epochs", "batch_size", "n_clean", "n_eval", "n_train", "train_epochs", "repeats"):
-        v = getattr(args, opt, None)
-        if v is not None and v < 1:
-            raise ValueError(f"--{opt.replace('_', '-')} must be >= 1, got {v}")
-    overrides = parse_defense_sets(args.set)
-    for d in names:
-        per = overrides.setdefault(d, {})
-        if args.epochs is not None:
-            per["epochs"] = args.epochs
-        if args.batch_size is not None:
-            per["batch_size"] = args.batch_size
-    real = [o for o in ("data", "trigger", "target") if getattr(args, o) is not None]
-    if args.checkpoint is None and real:
-        raise ValueError(f"--{', --'.join(real)}: only with --checkpoint CKPT (they describe a checkpoint's "
-                         "workload; without one the bench trains a backdoored model on synthetic data)")
-    if args.checkpoint is not None:
-        needed = ("data",) if str(args.checkpoint) in SHARED_CHECKPOINTS else ("data", "trigger", "target")
-        missing = [o for o in needed if getattr(args, o) is None]
-        if missing:
-            raise ValueError(f"--checkpoint {args.checkpoint} needs " + ", ".join(
-                {"data": "--data DIR (the folder holding cifar-10-batches-py)", "trigger": "--trigger SPEC",
-                 "target": "--target T"}[m] for m in missing))
-        if args.n_train is not None or args.train_epochs is not None:
-            raise ValueError("--n-train / --train-epochs size the synthetic workload; a --checkpoint is already "
-                             "trained")
-    for d in names:  # unknown setting names fail here, before any training or loading
-        check_settings(d, overrides.get(d, {}))
-
-    progress = sys.stderr.isatty()
-    if args.checkpoint is not None:
-        path, spec, target = resolve_checkpoint(args.checkpoint, args.data, args.trigger, args.target)
-        wl = real_workload(path, args.data, trigger=spec, target=target, arch=args.arch,
-                           n_clean=args.n_clean or 2500, n_eval=args.n_eval)
-    else:
-        sizes = {k: getattr(args, k) for k in ("n_train", "train_epochs", "n_clean", "n_eval")
-                 if getattr(args, k) is not None}
-        if not args.json:
-            print(f"fastpurify bench: backdooring a {args.arch} on synthetic data (BadNets 4x4 patch, target "
-                  f"{SYNTHETIC['target']}) on {device} ...", flush=True)
-        wl = synthetic_workload(args.arch, seed=args.seed, device=device, progress=progress, **sizes)
-    if not args.json:
-        print(f"workload: {wl.info['source']}; defenses {', '.join(names)}; device {device}, "
-              f"{torch.get_num_threads()} threads, seed {args.seed}", flush=True)
-    rows = run_comparison(names, wl, overrides, seed=args.seed, progress=progress, device=device,
-                          repeats=args.repeats, warmup=not args.no_warmup)
-    env = environment(device)
-    if args.json:
-        print(json.dumps({"workload": wl.describe(), "environment": env, "rows": rows}, default=str))
-    else:
-        print()
-        print(render_markdown(rows))
-        print(f"{env['device']}, torch {env['torch']}, {env['threads']} threads, fastpurify {env['fastpurify']}"
-              + (f", commit {env['commit']}" if env["commit"] else ""))
-    return 0
-

@@ -12,7 +12,7 @@ import json
 import os
 import sys
 import time
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 from .backend import BackendUnavailableError
 from .defenses import TimeBudgetError
@@ -322,10 +322,88 @@ def _fmt_settings(d: dict) -> str:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _cmd_bench(args) -> int:
-    from .bench import cli_run
+def _split_names(items: Optional[Sequence[str]]) -> List[str]:
+    return [n for item in items or [] for n in str(item).split(",") if n.strip()]
 
-    return cli_run(args, _device(args.device))
+
+
+def _cmd_bench(args) -> int:
+    """``fastpurify bench``: build the workload the options name, run the comparison, print a table (or one
+    JSON object with ``--json``). Raises ValueError (one line, exit 2) for bad input before any work."""
+    from .bench import (
+        SHARED_CHECKPOINTS,
+        SYNTHETIC,
+        _check_arch,
+        check_defenses,
+        check_settings,
+        environment,
+        parse_defense_sets,
+        real_workload,
+        render_markdown,
+        resolve_checkpoint,
+        run_comparison,
+        synthetic_workload,
+    )
+    from .defenses import DEFENSES
+
+    device = _device(args.device)
+    names = check_defenses(_split_names(args.defenses) or list(DEFENSES))
+    _check_arch(args.arch)
+    for opt in ("epochs", "batch_size", "n_clean", "n_eval", "n_train", "train_epochs", "repeats"):
+        v = getattr(args, opt, None)
+        if v is not None and v < 1:
+            raise ValueError(f"--{opt.replace('_', '-')} must be >= 1, got {v}")
+    overrides = parse_defense_sets(args.set)
+    for d in names:
+        per = overrides.setdefault(d, {})
+        if args.epochs is not None:
+            per["epochs"] = args.epochs
+        if args.batch_size is not None:
+            per["batch_size"] = args.batch_size
+    real = [o for o in ("data", "trigger", "target") if getattr(args, o) is not None]
+    if args.checkpoint is None and real:
+        raise ValueError(f"--{', --'.join(real)}: only with --checkpoint CKPT (they describe a checkpoint's "
+                         "workload; without one the bench trains a backdoored model on synthetic data)")
+    if args.checkpoint is not None:
+        needed = ("data",) if str(args.checkpoint) in SHARED_CHECKPOINTS else ("data", "trigger", "target")
+        missing = [o for o in needed if getattr(args, o) is None]
+        if missing:
+            raise ValueError(f"--checkpoint {args.checkpoint} needs " + ", ".join(
+                {"data": "--data DIR (the folder holding cifar-10-batches-py)", "trigger": "--trigger SPEC",
+                 "target": "--target T"}[m] for m in missing))
+        if args.n_train is not None or args.train_epochs is not None:
+            raise ValueError("--n-train / --train-epochs size the synthetic workload; a --checkpoint is already "
+                             "trained")
+    for d in names:  # unknown setting names fail here, before any training or loading
+        check_settings(d, overrides.get(d, {}))
+
+    progress = sys.stderr.isatty()
+    if args.checkpoint is not None:
+        path, spec, target = resolve_checkpoint(args.checkpoint, args.data, args.trigger, args.target)
+        wl = real_workload(path, args.data, trigger=spec, target=target, arch=args.arch,
+                           n_clean=args.n_clean or 2500, n_eval=args.n_eval)
+    else:
+        sizes = {k: getattr(args, k) for k in ("n_train", "train_epochs", "n_clean", "n_eval")
+                 if getattr(args, k) is not None}
+        if not args.json:
+            print(f"fastpurify bench: backdooring a {args.arch} on synthetic data (BadNets 4x4 patch, target "
+                  f"{SYNTHETIC['target']}) on {device} ...", flush=True)
+        wl = synthetic_workload(args.arch, seed=args.seed, device=device, progress=progress, **sizes)
+    env = environment(device)
+    if not args.json:
+        print(f"workload: {wl.info['source']}; defenses {', '.join(names)}; device {device}, "
+              f"{env['threads']} threads, seed {args.seed}", flush=True)
+    rows = run_comparison(names, wl, overrides, seed=args.seed, progress=progress, device=device,
+                          repeats=args.repeats, warmup=not args.no_warmup)
+    if args.json:
+        print(json.dumps({"workload": wl.describe(), "environment": env, "rows": rows}, default=str))
+    else:
+        print()
+        print(render_markdown(rows))
+        print(f"{env['device']}, torch {env['torch']}, {env['threads']} threads, fastpurify {env['fastpurify']}"
+              + (f", commit {env['commit']}" if env["commit"] else ""))
+    return 0
+
 
 
 # --------------------------------------------------------------------------------------------------------
