@@ -18,6 +18,7 @@ Usage::
 
     python benchmarks/end_to_end.py                                    # all five defenses on badnets
     python benchmarks/end_to_end.py --defenses ibau sau --checkpoint trojan_wm
+    python benchmarks/end_to_end.py --checkpoint trojan_wm --fast-precision bf16  # rows beside the fp32 ones
     python benchmarks/end_to_end.py --checkpoint PATH --trigger SPEC --target T --arch small_vgg
     python benchmarks/end_to_end.py --n-clean 500 --n-eval 1000 --set sau.pgd_steps=3 --repeats 3
 """
@@ -50,24 +51,32 @@ from fastpurify.bench import (  # noqa: E402
 DEFAULT_DATA = ROOT.parent / "shared" / "data"
 
 
+def row_key(r: dict) -> tuple:
+    """A row's identity: defense, checkpoint and the fast path's own options (``--fast-set``), so that a
+    ``precision=bf16`` row sits beside the fp32 one instead of replacing it."""
+    fast = r.get("fast_settings") or {}
+    return r["defense"], r["checkpoint"], ",".join(f"{k}={fast[k]}" for k in sorted(fast))
+
+
 def merge_rows(folder: Path, new_rows: list, env: dict) -> None:
-    """Add ``new_rows`` to end_to_end.json (replacing the same defense on the same checkpoint) under a file lock,
-    then rewrite end_to_end.md."""
+    """Add ``new_rows`` to end_to_end.json (replacing the row of the same defense, checkpoint and fast-path
+    options) under a file lock, then rewrite end_to_end.md."""
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / ".end_to_end.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         path = folder / "end_to_end.json"
         rows = json.loads(path.read_text())["rows"] if path.exists() else []
-        keys = {(r["defense"], r["checkpoint"]) for r in new_rows}
-        rows = [r for r in rows if (r["defense"], r["checkpoint"]) not in keys] + list(new_rows)
-        rows.sort(key=lambda r: (r["checkpoint"], DEFENSES.index(r["defense"])))
+        keys = {row_key(r) for r in new_rows}
+        rows = [r for r in rows if row_key(r) not in keys] + list(new_rows)
+        rows.sort(key=lambda r: (r["checkpoint"], DEFENSES.index(r["defense"]), row_key(r)[2]))
         path.write_text(json.dumps({"environment": env, "rows": rows}, indent=2, default=str))
         (folder / "end_to_end.md").write_text(render_tables(rows, env))
 
 
 def render_tables(rows: list, env: dict) -> str:
     lines = ["# End to end: reference against fast path on the real checkpoints", "",
-             f"Device: {env['device']}; torch {env['torch']}; {env['threads']} threads; fp32. Written by "
+             f"Device: {env['device']}; torch {env['torch']}; {env['threads']} threads; fp32 unless the settings "
+             "column says `fast: precision=bf16` (the fast path's option; the reference is always fp32). Written by "
              "`benchmarks/end_to_end.py`; each defense's reference and fast path ran one after the other in one "
              "process on the same model, clean data and seed. The settings column says what ran (shortened "
              "schedules: a speed-up compares per-round work; purification quality with the full schedules is in "
@@ -109,6 +118,8 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", metavar="DEFENSE.KEY=VALUE", help="e.g. --set bcu.epochs=10")
     ap.add_argument("--fast-set", action="append", metavar="DEFENSE.KEY=VALUE",
                     help="an option of the fast path only, e.g. --fast-set sau.precision=bf16")
+    ap.add_argument("--fast-precision", choices=("fp32", "bf16"), default=None,
+                    help="the fast path's precision for every defense run (its rows sit beside the fp32 ones)")
     ap.add_argument("--repeats", type=int, default=1, help="timed calls per path (median; default 1)")
     ap.add_argument("--no-warmup", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
@@ -119,6 +130,9 @@ def main(argv=None) -> int:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     overrides = parse_defense_sets(args.set)
     fast_overrides = parse_defense_sets(args.fast_set)
+    if args.fast_precision == "bf16":
+        for d in args.defenses:
+            fast_overrides.setdefault(d, {})["precision"] = "bf16"
     if args.epochs is not None:
         for d in args.defenses:
             overrides.setdefault(d, {})["epochs"] = args.epochs
