@@ -167,5 +167,8 @@ def test_every_defense_ends_within_ten_percent_of_a_ten_second_budget(name):
 @pytest.mark.parametrize("name", fastpurify.DEFENSES)
 def test_every_reference_honours_a_budget(name):
     r, wall = _run(getattr(ref, name), name, 4.0)
-    assert 3.6 <= wall <= 4.4, (name, wall, r.schedule)
+    assert wall <= 4.4, (name, wall, r.schedule)
+    # A reference round is not interrupted, so it may stop earlier than 90 % of the budget — but only when one
+    # more round (at the cost it measured) would not have fitted: on a loaded machine a round can take 2.7 s.
+    assert wall >= 3.6 or wall + r.schedule["round_seconds"] > 4.0, (name, wall, r.schedule)
     assert r.status == "budget_exhausted" and r.schedule["rounds"] == len(r.history) >= 1
