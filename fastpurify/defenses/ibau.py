@@ -58,7 +58,7 @@ from torch import Tensor, nn
 
 from ..ops.cg import implicit_hypergrad
 from ..ops.universal import universal_update_
-from ..reference.defenses.ibau import IBAUConfig
+from ..reference.defenses.ibau import IBAUConfig, make_optimizer
 from ._loop import PurifyResult, check_choice, run_defense
 
 PRECISIONS = ("fp32", "bf16")
@@ -126,10 +126,7 @@ def _row_masks(xs, portion: float, generator: torch.Generator, dev: torch.device
 def _ibau(net: nn.Module, data, cfg: FastIBAUConfig, loop) -> Dict[str, Any]:
     net.eval()
     params = [p for p in net.parameters() if p.requires_grad]
-    if cfg.optimizer == "adam":
-        opt = torch.optim.Adam(params, lr=cfg.lr, amsgrad=cfg.amsgrad)
-    else:
-        opt = torch.optim.SGD(params, lr=cfg.lr)
+    opt = make_optimizer(params, cfg)
     dev = data.x.device
     pert = torch.zeros((1, *data.x.shape[1:]), device=dev)
     for _ in loop.rounds():

@@ -227,13 +227,17 @@ def _perturbed(x: Tensor, delta: Tensor, clamp: bool) -> Tensor:
     return torch.clamp(x + delta, 0, 1) if clamp else x + delta
 
 
+def make_optimizer(params, cfg: IBAUConfig) -> torch.optim.Optimizer:
+    """The outer optimiser on θ: Adam (``amsgrad`` as configured) or SGD, at ``cfg.lr``."""
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, amsgrad=cfg.amsgrad)
+    return torch.optim.SGD(params, lr=cfg.lr)
+
+
 def _ibau(net: nn.Module, data, cfg: IBAUConfig, loop) -> Dict[str, Any]:
     net.eval()
     params = [p for p in net.parameters() if p.requires_grad]
-    if cfg.optimizer == "adam":
-        opt = torch.optim.Adam(params, lr=cfg.lr, amsgrad=cfg.amsgrad)
-    else:
-        opt = torch.optim.SGD(params, lr=cfg.lr)
+    opt = make_optimizer(params, cfg)
     dev = data.x.device
     pert = torch.zeros((1, *data.x.shape[1:]), device=dev)
     for _ in loop.rounds():
