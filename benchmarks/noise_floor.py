@@ -175,7 +175,7 @@ def main(argv=None) -> int:
             row = {"defense": d, "checkpoint": ck_name, "settings": settings, "settings_text": text, "path": p,
                    "replicate": rep, "eps": args.eps, "seed": args.seed, "after": after.as_dict(),
                    "defense_seconds": res.timings["defense"], "wall_seconds": wall, "status": res.status,
-                   "environment": env}
+                   "history": res.history, "environment": env}
             merge(folder, [row], env)
             print(f"  {p:9s} replicate {rep}: ACC {after.acc:.2f} ASR {after.asr:.2f} "
                   f"({res.timings['defense']:.0f} s)", flush=True)
