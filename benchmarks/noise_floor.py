@@ -19,6 +19,7 @@ Usage::
     python benchmarks/noise_floor.py --defense ibau --checkpoint trojan_wm            # one round (bench settings)
     python benchmarks/noise_floor.py --defense ibau --checkpoint trojan_wm --published --replicates 3
     python benchmarks/noise_floor.py --defense awm --checkpoint badnets --paths reference --replicates 5
+    python benchmarks/noise_floor.py --render --out benchmarks/results/cpu-amd-epyc-2t   # the table from the JSON
 """
 
 from __future__ import annotations
@@ -82,37 +83,54 @@ def merge(folder: Path, new_rows: list, env: dict) -> None:
         rows.sort(key=lambda r: (DEFENSES.index(r["defense"]), r["checkpoint"], r["settings_text"], r["path"],
                                  r["replicate"]))
         path.write_text(json.dumps({"environment": env, "rows": rows}, indent=2, default=str))
-        (folder / "noise_floor.md").write_text(render(rows, env))
+        (folder / "noise_floor.md").write_text(render(rows, env, folder))
 
 
-def _fmt(s: dict, key: str) -> str:
-    v = [r["after"][key] for r in s]
-    if len(v) == 1:
-        return f"{v[0]:.2f}"
-    sp = spread(v)
+def _fmt(values) -> str:
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    sp = spread(values)
     return f"{sp['min']:.2f} – {sp['max']:.2f} (mean {sp['mean']:.2f}, sd {sp['std']:.2f})"
 
 
-def render(rows: list, env: dict) -> str:
+def _quality_rows(folder: Path) -> list:
+    path = folder / "quality.json"
+    return json.loads(path.read_text())["runs"] if path.exists() else []
+
+
+def render(rows: list, env: dict, folder: Path) -> str:
+    """The table; a setting run without its unperturbed replicate takes it from quality.json when that file has
+    the same defense, checkpoint, path and settings (marked ``q``)."""
+    quality = _quality_rows(folder)
     lines = ["# Rounding noise floor of the defenses on the real checkpoints", "",
              f"Device: {env['device']}; torch {env['torch']}. Written by `benchmarks/noise_floor.py`. Each path ran "
              "on the same checkpoint, clean images and seed; replicate 0 on the checkpoint as it is, replicate r ≥ 1 "
              "with every weight multiplied by 1 + eps·ξ (ξ ~ N(0, 1), generator seed r). fp32 throughout. "
-             "ACC/ASR in percent on the evaluation images; ranges are over the perturbed replicates (r ≥ 1).", "",
-             "| defense | checkpoint | settings | eps | path | ACC unperturbed | ACC perturbed | ASR unperturbed | "
-             "ASR perturbed | seconds / run |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "ACC/ASR in percent on the evaluation images; the perturbed columns give min – max, mean and standard "
+             "deviation over the replicates r ≥ 1. A value marked q is the unperturbed run of `quality.md` (same "
+             "defense, checkpoint, path and settings).", "",
+             "| defense | checkpoint | settings | eps | path | perturbed runs | ACC unperturbed | ACC perturbed | "
+             "ASR unperturbed | ASR perturbed | seconds / run |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     groups: dict = {}
     for r in rows:
         groups.setdefault((group_key(r), r["path"]), []).append(r)
     for (key, path), rs in groups.items():
         d, ck, st = key
-        base = [r for r in rs if r["replicate"] == 0]
-        pert = [r for r in rs if r["replicate"] > 0]
+        base = [r["after"] for r in rs if r["replicate"] == 0]
+        mark = ""
+        if not base:
+            base = [q["after"] for q in quality if (q["defense"], q["checkpoint"], q["path"]) == (d, ck, path)
+                    and q["overrides"] == {k: v for k, v in rs[0]["settings"].items() if k != "target"}
+                    and q.get("seed", 0) == rs[0]["seed"]]
+            mark = " q" if base else ""
+        pert = [r["after"] for r in rs if r["replicate"] > 0]
         secs = statistics.fmean(r["defense_seconds"] for r in rs)
-        lines.append(f"| {d} | {ck} | {st} | {rs[-1]['eps']:.2g} | {path} | "
-                     f"{_fmt(base, 'acc') if base else '—'} | {_fmt(pert, 'acc') if pert else '—'} ({len(pert)}) | "
-                     f"{_fmt(base, 'asr') if base else '—'} | {_fmt(pert, 'asr') if pert else '—'} | {secs:.0f} |")
+        lines.append(f"| {d} | {ck} | {st} | {rs[-1]['eps']:.2g} | {path} | {len(pert)} | "
+                     f"{_fmt([a['acc'] for a in base])}{mark} | {_fmt([a['acc'] for a in pert])} | "
+                     f"{_fmt([a['asr'] for a in base])}{mark} | {_fmt([a['asr'] for a in pert])} | {secs:.0f} |")
     runs = sorted({f"commit {r['environment'].get('commit')}, {r['environment']['threads']} threads, "
                    f"`{r['environment']['command']}`" for r in rows})
     lines += ["", "Runs: " + "; ".join(runs), ""]
@@ -121,7 +139,7 @@ def render(rows: list, env: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--defense", required=True, choices=DEFENSES)
+    ap.add_argument("--defense", choices=DEFENSES, help="required unless --render")
     ap.add_argument("--checkpoint", default="badnets", help=f"one of {', '.join(SHARED_CHECKPOINTS)} or a path")
     ap.add_argument("--trigger", default=None)
     ap.add_argument("--target", type=int, default=None)
@@ -136,7 +154,16 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", metavar="DEFENSE.KEY=VALUE")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="output folder (default benchmarks/results/<device>)")
+    ap.add_argument("--render", action="store_true", help="only rewrite noise_floor.md from noise_floor.json")
     args = ap.parse_args(argv)
+    folder = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / device_tag()
+    if args.render:
+        saved = json.loads((folder / "noise_floor.json").read_text())
+        (folder / "noise_floor.md").write_text(render(saved["rows"], saved["environment"], folder))
+        print(f"wrote {folder / 'noise_floor.md'}")
+        return 0
+    if args.defense is None:
+        ap.error("--defense is required (or --render)")
     if args.replicates < 1 or args.first_replicate < 0 or not args.eps > 0:
         raise SystemExit(f"--replicates >= 1, --first-replicate >= 0 and --eps > 0 expected, got "
                          f"{args.replicates}, {args.first_replicate}, {args.eps}")
@@ -157,7 +184,6 @@ def main(argv=None) -> int:
     else:
         settings = resolve_settings(d, wl, overrides)
     text = fmt_settings(settings) or "published defaults"
-    folder = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / device_tag()
     clean = wl.clean[0] if d == "bcu" else wl.clean
     print(f"{d} on {ck_name} ({text}), eps {args.eps:.3g}, replicates {args.first_replicate}.."
           f"{args.first_replicate + args.replicates - 1}", flush=True)
