@@ -318,13 +318,12 @@ def _fmt_settings(d: dict) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------
-# bench (the logic is in fastpurify/bench.py)
+# bench (the comparison itself is in fastpurify/bench.py)
 # --------------------------------------------------------------------------------------------------------
 
 
 def _split_names(items: Optional[Sequence[str]]) -> List[str]:
     return [n for item in items or [] for n in str(item).split(",") if n.strip()]
-
 
 
 def _cmd_bench(args) -> int:
@@ -403,7 +402,6 @@ def _cmd_bench(args) -> int:
         print(f"{env['device']}, torch {env['torch']}, {env['threads']} threads, fastpurify {env['fastpurify']}"
               + (f", commit {env['commit']}" if env["commit"] else ""))
     return 0
-
 
 
 # --------------------------------------------------------------------------------------------------------

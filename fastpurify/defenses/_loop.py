@@ -398,6 +398,16 @@ def _model_device(model: nn.Module) -> torch.device:
     return p.device
 
 
+#: The fast paths' ``precision`` option.
+PRECISIONS = ("fp32", "bf16")
+
+
+def precision_autocast(precision: str, device: torch.device):
+    """The context of a fast path's forwards: bf16 autocast on ``device`` for ``precision="bf16"``; for "fp32"
+    autocast is off (also inside a caller's own autocast region)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 def check_choice(name: str, value: Any, valid: Sequence[Any]) -> None:
     """A clear error for an unknown option value, listing the valid ones."""
     if value not in valid:

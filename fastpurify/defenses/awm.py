@@ -57,9 +57,7 @@ from ..ops.masked_conv import masked_adam_clamp_
 from ..ops.universal import universal_update_
 from ..reference.defenses.awm import AWMConfig
 from ._inputs import Normalize
-from ._loop import PurifyResult, check_choice, run_defense
-
-PRECISIONS = ("fp32", "bf16")
+from ._loop import PRECISIONS, PurifyResult, check_choice, precision_autocast, run_defense
 
 
 @dataclass
@@ -71,10 +69,6 @@ class FastAWMConfig(AWMConfig):
     def validate(self) -> None:
         super().validate()
         check_choice("precision", self.precision, PRECISIONS)
-
-
-def _autocast(cfg, device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=getattr(cfg, "precision", "fp32") == "bf16")
 
 
 class MaskedAdamClamp(torch.optim.Optimizer):
@@ -128,12 +122,12 @@ def recover_trigger(mm: MaskedModel, data, cfg: AWMConfig, loop, steps: int) -> 
     delta = torch.zeros((1, *data.x.shape[1:]), device=data.x.device)
     for t, idx in enumerate(loop.batches(len(data), cfg.batch_size, replacement=True, steps=steps)):
         x = data.x[idx]
-        with torch.no_grad(), _autocast(cfg, x.device):
+        with torch.no_grad(), precision_autocast(cfg.precision, x.device):
             pseudo = mm(x).argmax(1)
         # The leaf is the per-sample input x + Δ: its gradient is the batch of per-sample gradients, which the
         # fused update averages in the same pass as the step; nothing else in the model requires grad.
         leaf = (x + delta).requires_grad_(True)
-        with _autocast(cfg, x.device):
+        with precision_autocast(cfg.precision, x.device):
             logits = mm(leaf)
         ce_sum = F.cross_entropy(logits.float(), pseudo, reduction="sum")
         (g,) = torch.autograd.grad(ce_sum, leaf)
@@ -160,7 +154,7 @@ def update_masks(mm: MaskedModel, data, cfg: AWMConfig, loop, steps: int, delta:
         x, y = data.x[idx], data.y[idx]
         n = x.shape[0]
         # eval mode: one forward of the 2B rows gives each row what its own forward would (one W_eff build)
-        with _autocast(cfg, x.device):
+        with precision_autocast(cfg.precision, x.device):
             if x.is_cuda:  # one launch sequence for both batches
                 out_noise, out_clean = torch.split(mm(torch.cat([torch.clamp(x + delta, 0.0, 1.0), x])).float(), n)
             else:  # on CPU two forwards of B rows measured faster than one of 2B (SmallVGG, 2 threads)

@@ -74,9 +74,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..reference.defenses.baerase import BAERASEConfig, Generator, Mine, _Linear, dv_bound, location
-from ._loop import PurifyResult, check_choice, run_defense
+from ._loop import PRECISIONS, PurifyResult, check_choice, precision_autocast, run_defense
 
-PRECISIONS = ("fp32", "bf16")
 # On CUDA the flip-rate passes run f over several batches at once, up to this many input elements per forward
 # (4,096 CIFAR images; one batch when a single batch is larger). On a CPU a bigger forward costs more per image
 # (tiny test net, 1 thread: 0.38 ms/image at 320 images, 0.72 ms at 1,600), so there it runs batch by batch.
@@ -223,12 +222,6 @@ def statistics(mine: Mine, z: Tensor, p: Tensor) -> Tensor:
     return F.leaky_relu(_linear(mine.fc3, h), 0.2).squeeze(-1)
 
 
-def _autocast(cfg: FastBAERASEConfig, dev: torch.device):
-    if cfg.precision == "bf16":
-        return torch.autocast(dev.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def _to_device(t: Tensor, dev: torch.device) -> Tensor:
     """Random numbers drawn on the host (the loop's generator: the reference's stream on every device) to the
     device; on CUDA through pinned memory without blocking (a pageable copy would wait for the GPU each step)."""
@@ -265,7 +258,7 @@ def flip_rates(net: nn.Module, gen: Generator, data, classes: Sequence[int], cfg
 
     def flush() -> None:
         nonlocal hits, total
-        with _autocast(cfg, dev):
+        with precision_autocast(cfg.precision, dev):
             pred = net(torch.cat([s for s, _ in pending]) if len(pending) > 1 else pending[0][0]).argmax(1)
         for p, y in zip(torch.split(pred, [s.shape[0] for s, _ in pending]), (y for _, y in pending)):
             p = p.view(kk, -1)
@@ -334,7 +327,7 @@ def recover(net: nn.Module, data, classes: Sequence[int], cfg: FastBAERASEConfig
             noise = _to_device(torch.randn(kk, b, out, generator=loop.generator), dev) * cfg.patch_noise
             patch = generate(gen, z)
             row, col = location(x.shape[2], x.shape[3], cfg.patch_size, cfg.position, loop.generator)
-            with _autocast(cfg, dev):
+            with precision_autocast(cfg.precision, dev):
                 logits = net(stamp_into(x, patch + noise, row, col, channels_last=cfg.channels_last))
             logits = logits.float().view(kk, b, -1)
             prob = F.softmax(logits, dim=-1).gather(2, cls.view(kk, 1, 1).expand(kk, b, 1)).squeeze(-1)

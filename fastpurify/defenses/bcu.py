@@ -47,7 +47,6 @@ reference (fp32 1.21× on badnets), ACC/ASR 81.34 / 97.12 % vs the reference's 8
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 from dataclasses import dataclass
@@ -59,9 +58,7 @@ from torch import nn
 
 from ..reference.defenses.bcu import BCUConfig, layer_groups, reinitialize
 from ..train import augment_batch
-from ._loop import PurifyResult, check_choice, run_defense
-
-PRECISIONS = ("fp32", "bf16")
+from ._loop import PRECISIONS, PurifyResult, check_choice, precision_autocast, run_defense
 
 
 @dataclass
@@ -119,11 +116,6 @@ def _bcu(net: nn.Module, data, cfg: FastBCUConfig, loop) -> Dict[str, Any]:
     # The reference's augmentation stream: seeded from the loop's generator right after the re-initialisation.
     aug_gen = torch.Generator(device=dev).manual_seed(int(torch.randint(0, 2**62, (1,), generator=loop.generator)))
 
-    def autocast():
-        if cfg.precision == "bf16":
-            return torch.autocast(device_type=dev.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
     for e in loop.rounds():
         rounds = loop.total_rounds  # cfg.epochs, or fewer when a time budget compressed the schedule
         temp = cfg.temperature_start + cfg.temperature_rise * (e + 1) / rounds
@@ -140,9 +132,9 @@ def _bcu(net: nn.Module, data, cfg: FastBCUConfig, loop) -> Dict[str, Any]:
                     x = augment_batch(x, aug_gen)
                 if cfg.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
-                with torch.inference_mode(), autocast():
+                with torch.inference_mode(), precision_autocast(cfg.precision, dev):
                     log_p_t = F.log_softmax(teacher(x).float() / temp, dim=1)
-                with autocast():
+                with precision_autocast(cfg.precision, dev):
                     z_s = net(x)
                 loss = kd_loss(z_s, log_p_t, temp)
                 loop.check_finite(loss)

@@ -59,9 +59,7 @@ from torch import Tensor, nn
 from ..ops.cg import implicit_hypergrad
 from ..ops.universal import universal_update_
 from ..reference.defenses.ibau import IBAUConfig, make_optimizer
-from ._loop import PurifyResult, check_choice, run_defense
-
-PRECISIONS = ("fp32", "bf16")
+from ._loop import PRECISIONS, PurifyResult, check_choice, precision_autocast, run_defense
 
 
 @dataclass
@@ -84,7 +82,7 @@ def perturbation_pass(net: nn.Module, xs, cfg: IBAUConfig, loop) -> Dict[str, Te
     x0 = xs[0]
     delta = torch.zeros((1, *x0.shape[1:]), device=x0.device, dtype=torch.float32)
     loss_sum = torch.zeros((), device=x0.device)
-    autocast = torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    autocast = precision_autocast(cfg.precision, x0.device)
     for x in xs:
         if loop.out_of_time():  # a time budget ran out: the round ends here
             break

@@ -36,9 +36,7 @@ from torch import Tensor, nn
 
 from ..ops.attack import SharedPGD
 from ..reference.defenses.sau import SAUConfig
-from ._loop import PurifyResult, check_choice, run_defense
-
-PRECISIONS = ("fp32", "bf16")
+from ._loop import PRECISIONS, PurifyResult, check_choice, run_defense
 
 
 @dataclass
