@@ -49,3 +49,26 @@ def environment() -> dict:
         "threads": torch.get_num_threads(),
         "commit": commit,
     }
+
+
+def merge_rows(folder: Path, name: str, new_rows: list, key, env: dict, render, *, list_key: str = "rows",
+               sort_key=None) -> list:
+    """Merge ``new_rows`` into ``folder/<name>.json`` (``{"environment": env, list_key: rows}``), replacing the
+    saved rows whose ``key(row)`` one of them has, and let ``render(rows)`` rewrite the tables, all under an
+    exclusive lock on ``folder/.<name>.lock``, so that several benchmark jobs can write to one folder side by
+    side. Returns the merged rows."""
+    import fcntl
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        path = folder / f"{name}.json"
+        rows = json.loads(path.read_text())[list_key] if path.exists() else []
+        keys = {key(r) for r in new_rows}
+        rows = [r for r in rows if key(r) not in keys] + list(new_rows)
+        if sort_key is not None:
+            rows.sort(key=sort_key)
+        path.write_text(json.dumps({"environment": env, list_key: rows}, indent=2, default=str))
+        render(rows)
+    return rows

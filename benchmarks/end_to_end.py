@@ -26,8 +26,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import fcntl
-import json
 import sys
 from pathlib import Path
 
@@ -36,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the repository, when fastpurify is not installed
 from _env import ROOT, device_tag  # noqa: E402
+from _env import merge_rows as _merge  # noqa: E402
 
 from fastpurify.bench import (  # noqa: E402
     DEFENSES,
@@ -61,16 +60,9 @@ def row_key(r: dict) -> tuple:
 def merge_rows(folder: Path, new_rows: list, env: dict) -> None:
     """Add ``new_rows`` to end_to_end.json (replacing the row of the same defense, checkpoint and fast-path
     options) under a file lock, then rewrite end_to_end.md."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".end_to_end.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        path = folder / "end_to_end.json"
-        rows = json.loads(path.read_text())["rows"] if path.exists() else []
-        keys = {row_key(r) for r in new_rows}
-        rows = [r for r in rows if row_key(r) not in keys] + list(new_rows)
-        rows.sort(key=lambda r: (r["checkpoint"], DEFENSES.index(r["defense"]), row_key(r)[2]))
-        path.write_text(json.dumps({"environment": env, "rows": rows}, indent=2, default=str))
-        (folder / "end_to_end.md").write_text(render_tables(rows, env))
+    _merge(folder, "end_to_end", new_rows, row_key, env,
+           lambda rows: (folder / "end_to_end.md").write_text(render_tables(rows, env)),
+           sort_key=lambda r: (r["checkpoint"], DEFENSES.index(r["defense"]), row_key(r)[2]))
 
 
 def render_tables(rows: list, env: dict) -> str:

@@ -25,7 +25,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import statistics
 import sys
@@ -36,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the repository, when fastpurify is not installed
-from _env import ROOT, device_tag  # noqa: E402
+from _env import ROOT, device_tag, merge_rows  # noqa: E402
 
 from fastpurify.bench import (  # noqa: E402
     DEFENSES,
@@ -73,17 +72,10 @@ def group_key(r: dict) -> tuple:
 
 
 def merge(folder: Path, new_rows: list, env: dict) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".noise_floor.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        path = folder / "noise_floor.json"
-        rows = json.loads(path.read_text())["rows"] if path.exists() else []
-        keys = {(group_key(r), r["path"], r["replicate"]) for r in new_rows}
-        rows = [r for r in rows if (group_key(r), r["path"], r["replicate"]) not in keys] + list(new_rows)
-        rows.sort(key=lambda r: (DEFENSES.index(r["defense"]), r["checkpoint"], r["settings_text"], r["path"],
-                                 r["replicate"]))
-        path.write_text(json.dumps({"environment": env, "rows": rows}, indent=2, default=str))
-        (folder / "noise_floor.md").write_text(render(rows, env, folder))
+    merge_rows(folder, "noise_floor", new_rows, lambda r: (group_key(r), r["path"], r["replicate"]), env,
+               lambda rows: (folder / "noise_floor.md").write_text(render(rows, env, folder)),
+               sort_key=lambda r: (DEFENSES.index(r["defense"]), r["checkpoint"], r["settings_text"], r["path"],
+                                   r["replicate"]))
 
 
 def _fmt(values) -> str:
@@ -122,8 +114,10 @@ def render(rows: list, env: dict, folder: Path) -> str:
         base = [r["after"] for r in rs if r["replicate"] == 0]
         mark = ""
         if not base:
+            filled = FROM_WORKLOAD.get(d, ())  # given or taken from the workload: the same run either way
+            same = {k: v for k, v in rs[0]["settings"].items() if k not in filled}
             base = [q["after"] for q in quality if (q["defense"], q["checkpoint"], q["path"]) == (d, ck, path)
-                    and q["overrides"] == {k: v for k, v in rs[0]["settings"].items() if k != "target"}
+                    and {k: v for k, v in q["overrides"].items() if k not in filled} == same
                     and q.get("seed", 0) == rs[0]["seed"]]
             mark = " q" if base else ""
         pert = [r["after"] for r in rs if r["replicate"] > 0]

@@ -17,7 +17,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the repository, when fastpurify is not installed
-from _env import ROOT, environment  # noqa: E402
+from _env import ROOT, environment, merge_rows  # noqa: E402
 
 CHECKPOINTS = {
     "badnets": ("badnets_8_02_ckpt.pth", "patch:size=4,row=27,col=27,value=1", 8),
@@ -48,21 +47,13 @@ def _parse_sets(items):
 
 
 def merge_row(folder: Path, row: dict, env: dict) -> None:
-    """Add ``row`` to quality.json (replacing the same defense/path/checkpoint), re-reading the file under a
-    lock so that several quality jobs can run side by side, then rewrite quality.md."""
-    import fcntl
-
-    with open(folder / ".quality.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        path = folder / "quality.json"
-        rows = json.loads(path.read_text())["runs"] if path.exists() else []
-        key = (row["defense"], row["path"], row["checkpoint"])
-        rows = [r for r in rows if (r["defense"], r["path"], r["checkpoint"]) != key] + [row]
-        write_tables(folder, rows, env)
+    """Add ``row`` to quality.json (replacing the same defense/path/checkpoint) under a lock, so that several
+    quality jobs can run side by side, then rewrite quality.md."""
+    merge_rows(folder, "quality", [row], lambda r: (r["defense"], r["path"], r["checkpoint"]), env,
+               lambda rows: write_tables(folder, rows, env), list_key="runs")
 
 
 def write_tables(folder: Path, rows: list, env: dict) -> None:
-    (folder / "quality.json").write_text(json.dumps({"environment": env, "runs": rows}, indent=2, default=str))
     lines = [
         "# Purification quality on the real checkpoints", "",
         f"Device: {env['device']}; torch {env['torch']}. "
