@@ -17,12 +17,26 @@ import importlib
 __version__ = "0.1.0"
 
 from .backend import BackendUnavailableError, info  # noqa: E402
-from .defenses import AWM, BAERASE, BCU, DEFENSES, IBAU, SAU, EvalSet, PurifyResult, TimeBudgetError  # noqa: E402
+from .defenses import (  # noqa: E402
+    AWM,
+    BAERASE,
+    BCU,
+    DEFENSES,
+    IBAU,
+    SAU,
+    DivergenceError,
+    EvalSet,
+    Interrupted,
+    PurificationError,
+    PurifyResult,
+    TimeBudgetError,
+)
 
 _SUBMODULES = ("backend", "cli", "data", "defenses", "kernels", "metrics", "models", "ops", "reference", "testing",
                "train", "triggers")
 
 __all__ = ["__version__", "info", "BackendUnavailableError", "PurifyResult", "EvalSet", "TimeBudgetError",
+           "Interrupted", "DivergenceError", "PurificationError",
            *DEFENSES,
            "SAU", "IBAU", "AWM", "BAERASE", "BCU"]
 

@@ -18,6 +18,8 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import importlib
 import os
@@ -37,6 +39,56 @@ TRITON_CMD = "pip install 'triton>=3.0'   (or: pip install 'fastpurify[triton]')
 
 class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot run this call; the message says why and how to fix it."""
+
+
+# The backend a defense was given (``fastpurify.sau(..., backend="cpp")``): every op the defense calls without a
+# backend of its own resolves to it. A context variable, so that two threads purifying at once do not see each
+# other's choice.
+_DEFAULT: contextvars.ContextVar = contextvars.ContextVar("fastpurify_backend", default=None)
+
+
+@contextlib.contextmanager
+def use(backend: Optional[str], source: str = "backend= argument"):
+    """Make ``backend`` the choice of every op resolved inside the block that was not given one itself
+    (``None`` or ``"auto"``: no change). Used by the defenses for their ``backend=`` option.
+
+    Example::
+
+        >>> with use("torch"):                                      # doctest: +SKIP
+        ...     ops.pgd_update_(delta, grad, step=0.1, eps=0.3)     # runs the eager reference
+    """
+    token = _DEFAULT.set(None if backend in (None, "auto") else (backend.lower(), source))
+    try:
+        yield
+    finally:
+        _DEFAULT.reset(token)
+
+
+def requested(backend: Optional[str] = None) -> Tuple[Optional[str], str]:
+    """The explicit choice in force for a call given ``backend``: ``(name, where it came from)``, or
+    ``(None, "auto")``. Order: the argument, then an enclosing :func:`use` (a defense's ``backend=``), then
+    ``FASTPURIFY_BACKEND``. Raises ``ValueError`` for a name that is no backend, naming where it came from."""
+    if backend is not None and backend != "auto":
+        choice, source = backend, "backend= argument"
+    elif _DEFAULT.get() is not None:
+        choice, source = _DEFAULT.get()
+    else:
+        env = os.environ.get(ENV_VAR, "").strip().lower()
+        if not env or env == "auto":
+            return None, "auto"
+        choice, source = env, f"{ENV_VAR}={env}"
+    if not isinstance(choice, str) or choice.lower() not in BACKENDS:
+        raise ValueError(f"unknown backend {choice!r} (from {source}); valid: {', '.join(BACKENDS)}, auto")
+    return choice.lower(), source
+
+
+def launch_bound(device: torch.device) -> bool:
+    """Whether work on ``device`` is bound by kernel launches and host synchronisation rather than by arithmetic:
+    true on CUDA, false on CPU. The fast paths use it (and nothing else) to pick strategies that trade extra
+    arithmetic for fewer launches or syncs (stacked models, fused optimizers, one forward for two batches, the
+    fused SAU loss kernel): on CPU each of them was measured slower or no faster, so they stay GPU-only. This is
+    a choice of strategy, not of an op's backend; an explicit ``backend=`` still decides which kernel runs."""
+    return torch.device(device).type == "cuda"
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -173,17 +225,10 @@ def why_not(op: str, backend: str, device_type: str, dtype: torch.dtype) -> Opti
 
 
 def resolve(op: str, backend: Optional[str], *, device_type: str, dtype: torch.dtype) -> str:
-    """Name of the backend that will run ``op``; raises if an explicit choice cannot run."""
-    choice = backend
-    source = "backend= argument"
-    if choice is None or choice == "auto":
-        env = os.environ.get(ENV_VAR, "").strip().lower()
-        if env and env != "auto":
-            choice, source = env, f"{ENV_VAR}={env}"
-    if choice is not None and choice != "auto":
-        choice = choice.lower()
-        if choice not in BACKENDS:
-            raise ValueError(f"unknown backend {choice!r} (from {source}); valid: {', '.join(BACKENDS)}, auto")
+    """Name of the backend that will run ``op``; raises if an explicit choice cannot run (the argument, an
+    enclosing :func:`use`, or ``FASTPURIFY_BACKEND``: see :func:`requested`)."""
+    choice, source = requested(backend)
+    if choice is not None:
         reason = why_not(op, choice, device_type, dtype)
         if reason is not None:
             raise BackendUnavailableError(f"{op}: backend {choice!r} (from {source}) cannot run: {reason}")
@@ -195,6 +240,32 @@ def resolve(op: str, backend: Optional[str], *, device_type: str, dtype: torch.d
             return name
         tried.append(f"{name}: {reason}")
     raise BackendUnavailableError(f"{op}: no backend can run on {device_type} {dtype}: " + "; ".join(tried))
+
+
+def plan(who: str, ops: Tuple[str, ...], backend: Optional[str], *, device_type: str,
+         dtype: torch.dtype = torch.float32) -> Dict[str, str]:
+    """Resolve, before any work, the backend of every op a defense calls: ``{op: backend}``. An explicit choice
+    (``backend``, else ``FASTPURIFY_BACKEND``) must run every one of them, else :class:`BackendUnavailableError`
+    names the op and why; an unknown name is a ``ValueError``. A defense that calls no fastpurify op (``ops``
+    empty: it runs on PyTorch's own operators) accepts ``backend="torch"``/``"auto"`` only as an argument; a
+    ``FASTPURIFY_BACKEND`` preference has nothing to choose there and is ignored."""
+    choice, source = requested(backend)
+    if choice is None:
+        return {op: resolve(op, None, device_type=device_type, dtype=dtype) for op in ops}
+    if not ops:
+        if choice == "torch" or source.startswith(ENV_VAR):
+            return {}
+        raise BackendUnavailableError(
+            f"{who}: backend={choice!r} (from {source}) cannot apply: this defense calls no fastpurify kernel (it "
+            "runs on PyTorch's own operators), so there is no backend to choose; pass backend='auto' (or 'torch')")
+    out = {}
+    for op in ops:
+        reason = why_not(op, choice, device_type, dtype)
+        if reason is not None:
+            raise BackendUnavailableError(f"{who}: backend {choice!r} (from {source}) cannot run op {op!r} on "
+                                          f"{device_type} tensors: {reason}")
+        out[op] = choice
+    return out
 
 
 def select(op: str, backend: Optional[str], *, device_type: str, dtype: torch.dtype) -> Tuple[str, Callable]:

@@ -11,7 +11,8 @@ import importlib
 from pathlib import Path
 from typing import Any, Dict
 
-from ._loop import EvalSet, PurifyResult, TimeBudgetError
+from ._loop import EvalSet, Interrupted, PurifyResult, TimeBudgetError
+from ._state import DivergenceError, PurificationError
 
 DEFENSES = ("sau", "ibau", "awm", "baerase", "bcu")
 CLASSES = {"SAU": "sau", "IBAU": "ibau", "AWM": "awm", "BAERASE": "baerase", "BCU": "bcu"}
@@ -70,4 +71,5 @@ for _name in DEFENSES:
 del _name
 
 
-__all__ = ["DEFENSES", "EvalSet", "PurifyResult", "TimeBudgetError", "status", *DEFENSES, *CLASSES]
+__all__ = ["DEFENSES", "EvalSet", "PurifyResult", "TimeBudgetError", "Interrupted", "DivergenceError",
+           "PurificationError", "status", *DEFENSES, *CLASSES]

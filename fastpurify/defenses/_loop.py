@@ -10,8 +10,6 @@ only through ``loop.step(optimizer)``, so that multi-GPU runs can be added here 
 from __future__ import annotations
 
 import contextlib
-import copy
-import dataclasses
 import math
 import sys
 import time
@@ -22,9 +20,14 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ._inputs import CleanData, Normalize, check_normalization, prepare
+from . import _state
+from ._state import DivergenceError, PurificationError  # noqa: F401  (re-exported)
 
-STATUSES = ("completed", "budget_exhausted")
+STATUSES = ("completed", "budget_exhausted", "interrupted")
+
+# A loss whose magnitude passes this has exploded (a mean cross-entropy of a healthy model is below 1e2; SAU at
+# lr=1e3 reached 4.8e33): the run stops with a DivergenceError naming the round and step.
+LOSS_LIMIT = 1e8
 
 # The part of a time budget kept back for what follows the last step (the final model, moving it back to the
 # user's device, the result): a share of the budget, at least a few milliseconds.
@@ -34,6 +37,17 @@ BUDGET_RESERVE_MIN_S = 0.02
 
 class TimeBudgetError(RuntimeError):
     """The ``time_budget`` ran out before the defense could change the model once: nothing was purified."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A defense was interrupted (Ctrl-C). ``result`` is a :class:`PurifyResult` with ``status="interrupted"``
+    whose model holds the weights after the last completed round (the model as given when none completed), and
+    ``result.schedule["rounds"]`` says how many rounds completed. With ``checkpoint=`` the run can be continued
+    with ``resume=``; with ``inplace=True`` the model you gave is left as it was (the partial result is a copy)."""
+
+    def __init__(self, result: PurifyResult) -> None:
+        super().__init__(f"{result.defense}: interrupted after {result.schedule.get('rounds', 0)} completed round(s)")
+        self.result = result
 
 
 @dataclass
@@ -90,8 +104,22 @@ class Loop:
 
     def __init__(self, name: str, rounds: int, *, device: torch.device, seed: int, progress: bool,
                  time_budget: Optional[float], eval_fn: Optional[Callable[[], Dict[str, float]]], eval_every: int,
-                 sync_checks: bool = True, clock_start: Optional[float] = None) -> None:
+                 sync_checks: bool = True, clock_start: Optional[float] = None,
+                 clock: Optional[Callable[[], float]] = None, model: Optional[nn.Module] = None,
+                 checkpoint: Optional[Any] = None, checkpoint_every: int = 1,
+                 resume_state: Optional[Dict[str, Any]] = None, meta: Optional[Dict[str, Any]] = None) -> None:
         self.name = name
+        # The clock of timings and of the time budget: time.perf_counter, or a test's deterministic clock.
+        self.clock = clock if clock is not None else time.perf_counter
+        self.model = model  # the working model: health checks, snapshots, checkpoints
+        self.checkpoint = checkpoint
+        self.checkpoint_every = checkpoint_every
+        self._resume_state = resume_state
+        self.meta = meta or {}
+        self._tracked: Dict[str, Any] = {}
+        self.last_good: Optional[Dict[str, Tensor]] = None  # the model after the last completed round
+        self.completed_rounds = 0
+        self._init_rms: Optional[List[float]] = None
         self.total_rounds = rounds  # may be lowered after the warm-up round when a time budget is given
         self.requested_rounds = rounds
         self.device = device
@@ -112,7 +140,7 @@ class Loop:
         self._start = None
         self._eval_seconds = 0.0
         # time budget: the clock starts when the defense was called (setup counts), evaluation does not count
-        self._origin = time.perf_counter() if clock_start is None else clock_start
+        self._origin = self.clock() if clock_start is None else clock_start
         self._cut = False  # the budget stopped the run
         self._updated = False  # a step changed the model
         self._first_update_at: Optional[float] = None  # budget clock at the end of the first model step
@@ -133,26 +161,26 @@ class Loop:
         ``once=True`` marks one-off work inside a round (e.g. BAERASE's trigger recovery in the first round):
         a time budget's planner leaves it out of the cost of a round."""
         self._sync()
-        t0 = time.perf_counter()
+        t0 = self.clock()
         try:
             yield
         finally:
             self._sync()
-            dt = time.perf_counter() - t0
+            dt = self.clock() - t0
             self.timings[name] += dt
             if once:
                 self._once_seconds += dt
 
     def elapsed(self) -> float:
         """Seconds of defense so far (evaluation excluded)."""
-        return 0.0 if self._start is None else time.perf_counter() - self._start - self._eval_seconds
+        return 0.0 if self._start is None else self.clock() - self._start - self._eval_seconds
 
     # ------------------------------------------------------------------------------------------- budget
     def _budget_clock(self) -> float:
         """Seconds since the defense was called, evaluation excluded (what the time budget is spent on). On
         CUDA the device is synchronised first, so that queued work counts: with a budget, one sync per step."""
         self._sync()
-        return time.perf_counter() - self._origin - self._eval_seconds
+        return self.clock() - self._origin - self._eval_seconds
 
     def _limit(self) -> float:
         b = float(self.time_budget)
@@ -260,11 +288,14 @@ class Loop:
         step = self.step_in_round
         if self.sync_checks:
             v = float(loss.detach())
-            if not math.isfinite(v):
-                raise FloatingPointError(f"{self.name}: non-finite {what} ({v}) at round {self.round + 1}, "
-                                         f"step {step + 1}; lower the learning rate or check the model and data")
+            if not math.isfinite(v) or abs(v) > LOSS_LIMIT:
+                kind = "non-finite" if not math.isfinite(v) else f"exploding (|{what}| > {LOSS_LIMIT:g})"
+                raise DivergenceError(f"{self.name}: {kind} {what} ({v:.4g}) at round {self.round + 1}, "
+                                      f"step {step + 1}; the run diverged: lower the learning rate or check the "
+                                      "model and data")
             return
-        bad = ~torch.isfinite(loss.detach()).all()
+        d = loss.detach()
+        bad = ~(torch.isfinite(d) & (d.abs() <= LOSS_LIMIT)).all()
         first = torch.where(bad, torch.as_tensor(step, device=loss.device), torch.as_tensor(-1, device=loss.device))
         self._bad_step = first if self._bad_step is None else torch.where(self._bad_step >= 0, self._bad_step, first)
 
@@ -299,11 +330,13 @@ class Loop:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=self.total_rounds, desc=self.name, unit="round", leave=False, file=sys.stderr)
-        self._start = time.perf_counter()
-        r = 0
+        self._start = self.clock()
+        r = first = self._begin()
+        if bar is not None and first:
+            bar.update(first)
         try:
             while True:
-                if self.time_budget is not None and r > 0:
+                if self.time_budget is not None and r > first:
                     if self._cut:
                         break
                     self._plan(r)  # re-planned after every round, also when the last plan said stop here
@@ -321,6 +354,7 @@ class Loop:
                     self._round_costs.append(self._budget_clock() - t_round - self._once_seconds)
                 self._end_round()
                 r += 1
+                self._round_done(r)
                 if bar is not None:
                     bar.update(1)
                     last = self.history[-1]
@@ -337,12 +371,82 @@ class Loop:
             if self._cut_steps is not None:
                 self.schedule["cut_in_round"] = self._cut_steps
 
+    # ------------------------------------------------------------------------------------------- state
+    def track(self, **objects: Any) -> None:
+        """Register what a defense carries from one round to the next besides the model — optimizers, modules,
+        tensors (updated in place), generators, or ``(get, set)`` pairs of functions — so that a checkpoint holds
+        it and ``resume=`` restores it. Call before :meth:`rounds`."""
+        for k, o in objects.items():
+            ok = isinstance(o, (Tensor, torch.Generator)) or (isinstance(o, tuple) and len(o) == 2 and callable(o[0])
+                                                               and callable(o[1])) or hasattr(o, "load_state_dict")
+            if not ok:
+                raise TypeError(f"loop.track: {k} is a {type(o).__name__}; expected a module, an optimizer, a tensor, "
+                                "a generator or a (get, set) pair")
+            self._tracked[k] = o
+
+    def _params(self) -> List[Tensor]:
+        return [] if self.model is None else [p for p in self.model.parameters() if p.is_floating_point()]
+
+    def _begin(self) -> int:
+        """Before the first round: the reference sizes of the weights; with ``resume``, every state the
+        checkpoint holds, and the round to continue from."""
+        if self.model is not None:
+            self._init_rms = _state.rms(self._params())
+            self.last_good = _state.snapshot(self.model)
+        st = self._resume_state
+        if st is None:
+            return 0
+        self.model.load_state_dict(st["model"])
+        _state.load_tracked(self._tracked, st["tracked"], self.name)
+        self.generator.set_state(st["generator"])
+        _state.set_rng_states(st["rng"], self.device)
+        self.history = list(st["history"])
+        self._init_rms = list(st["init_rms"])
+        self._updated = bool(st["updated"])
+        self.last_good = _state.snapshot(self.model)
+        self.completed_rounds = int(st["rounds_done"])
+        self.schedule["resumed_from_round"] = self.completed_rounds
+        return self.completed_rounds
+
+    def _check_health(self) -> None:
+        """After every round: the weights and buffers are finite and no parameter exploded (one device read)."""
+        if self.model is None:
+            return
+        bad = _state.nonfinite_tensors(self.model)
+        if bad:
+            raise DivergenceError(_state.describe_nonfinite(self.name, bad, f"after round {self.round + 1}"))
+        names = [n for n, p in self.model.named_parameters() if p.is_floating_point()]
+        now = _state.rms(self._params())
+        for n, a, b in zip(names, self._init_rms or [], now):
+            if b > _state.DIVERGENCE_FACTOR * max(a, 1.0):
+                raise DivergenceError(
+                    f"{self.name}: the weights diverged in round {self.round + 1}: {n} grew from RMS {a:.3g} to "
+                    f"{b:.3g} (more than {_state.DIVERGENCE_FACTOR:g}x); lower the learning rate")
+
+    def _round_done(self, done: int) -> None:
+        """A round finished whole: remember its model (what an interruption returns) and write the checkpoint."""
+        self.completed_rounds = done
+        if self.model is not None:
+            self.last_good = _state.snapshot(self.model)
+        if self.checkpoint is not None and (done % self.checkpoint_every == 0 or done >= self.total_rounds):
+            self.write_checkpoint()
+
+    def write_checkpoint(self) -> None:
+        state = dict(self.meta, format=_state.FORMAT, rounds_done=self.completed_rounds,
+                     model={k: v.cpu() for k, v in self.last_good.items()},
+                     tracked=_state.tracked_states(self._tracked), generator=self.generator.get_state(),
+                     rng=_state.rng_states(self.device), history=self.history, init_rms=self._init_rms,
+                     updated=self._updated)
+        _state.save(self.checkpoint, state)
+
     def _end_round(self) -> None:
         if self._bad_step is not None:
             s = int(self._bad_step)  # the one sync of the finite guard per round
             if s >= 0:
-                raise FloatingPointError(f"{self.name}: non-finite loss at round {self.round + 1}, step {s + 1}; "
-                                         "lower the learning rate or check the model and data")
+                raise DivergenceError(f"{self.name}: non-finite or exploding loss (|loss| > {LOSS_LIMIT:g}) at round "
+                                      f"{self.round + 1}, step {s + 1}; the run diverged: lower the learning rate "
+                                      "or check the model and data")
+        self._check_health()
         rec: Dict[str, Any] = {"round": self.round + 1, "seconds": self.elapsed()}
         tensors = {k: v for k, v in self._pending.items() if isinstance(v, Tensor)}
         if tensors:
@@ -352,50 +456,10 @@ class Loop:
         last = self.round + 1 == self.total_rounds or self._cut
         if self.eval_fn is not None and ((self.round + 1) % self.eval_every == 0 or last):
             self._sync()
-            t0 = time.perf_counter()
+            t0 = self.clock()
             rec.update(self.eval_fn())
-            self._eval_seconds += time.perf_counter() - t0
+            self._eval_seconds += self.clock() - t0
         self.history.append(rec)
-
-
-# --------------------------------------------------------------------------------------------------------
-# Driver: common options, copying, device and mode bookkeeping
-# --------------------------------------------------------------------------------------------------------
-
-
-def _config(config_cls, epochs: Optional[int], hyperparameters: Dict[str, Any], name: str):
-    valid = [f.name for f in dataclasses.fields(config_cls)]
-    unknown = sorted(set(hyperparameters) - set(valid))
-    if unknown:
-        raise TypeError(f"{name}: unknown hyper-parameter(s) {unknown}; valid: {', '.join(valid)} "
-                        "(and the common options normalization, num_classes, epochs, backend, device, seed, "
-                        "time_budget, eval_data, eval_every, progress, inplace, check_range)")
-    if epochs is not None:
-        hyperparameters = dict(hyperparameters, epochs=epochs)
-    cfg = config_cls(**hyperparameters)
-    if hasattr(cfg, "validate"):
-        cfg.validate()
-    return cfg
-
-
-def _eval_set(eval_data: Any, device: torch.device) -> Optional[EvalSet]:
-    if eval_data is None:
-        return None
-    if isinstance(eval_data, EvalSet):
-        return eval_data
-    if isinstance(eval_data, dict):
-        return EvalSet(**eval_data)
-    if isinstance(eval_data, (tuple, list)) and len(eval_data) in (2, 4):
-        return EvalSet(*eval_data)
-    raise TypeError("eval_data must be an EvalSet, a dict, or a tuple (x, y) / (x, y, trigger, target), got "
-                    f"{type(eval_data).__name__}")
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    p = next(iter(model.parameters()), None)
-    if p is None:
-        raise ValueError("the model has no parameters: there is nothing to purify")
-    return p.device
 
 
 #: The fast paths' ``precision`` option.
@@ -421,69 +485,10 @@ def check_positive(name: str, value: Any, *, integer: bool = False, allow_zero: 
         raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} {kind}, got {value!r}")
 
 
-def run_defense(name: str, algorithm: Callable[..., Optional[Dict[str, Any]]], config_cls, model: nn.Module,
-                clean_data: Any, *, labels: bool = True, normalization=None, num_classes: Optional[int] = None,
-                epochs: Optional[int] = None, backend: str = "auto", device=None, seed: int = 0,
-                time_budget: Optional[float] = None, eval_data: Any = None, eval_every: int = 1,
-                progress: bool = True, inplace: bool = False, check_range: bool = True,
-                allow_small: bool = False, sync_checks: bool = True, **hyperparameters) -> PurifyResult:
-    """Check everything, then run ``algorithm(net, data, cfg, loop)`` on a copy of ``model`` (``net`` is the
-    copy behind the normalisation, if any) and return a :class:`PurifyResult`. ``algorithm`` may return a
-    dict of extras for ``result.info``."""
-    clock_start = time.perf_counter()
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"{name}: model must be a torch.nn.Module, got {type(model).__name__}")
-    cfg = _config(config_cls, epochs, hyperparameters, name)
-    check_choice("backend", backend, ("auto", "cuda", "triton", "cpp", "torch"))
-    check_positive("eval_every", eval_every, integer=True)
-    if time_budget is not None:
-        check_positive("time_budget", time_budget)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
-    user_device = _model_device(model)
-    dev = torch.device(device) if device is not None else user_device
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} but CUDA is not available to torch {torch.__version__}")
-    user_mode = model.training
-    evalset = _eval_set(eval_data, dev)
+def __getattr__(name: str):
+    # The driver lives in _run.py (it imports this module); defenses import it from here as they always did.
+    if name in ("run_defense", "_config"):
+        from . import _run
 
-    work = model if inplace else copy.deepcopy(model)
-    work.to(dev)
-    norm = check_normalization(normalization, _channels(clean_data))
-    net = nn.Sequential(Normalize(*norm), work).to(dev) if norm else work
-    try:
-        data: CleanData = prepare(net, clean_data, labels=labels, num_classes=num_classes, device=dev,
-                                  batch_size=getattr(cfg, "batch_size", None), check_range=check_range,
-                                  allow_small=allow_small)
-        eval_fn = None
-        if evalset is not None:
-            from ..metrics import evaluate
-
-            def eval_fn():
-                r = evaluate(net, evalset.x, evalset.y, trigger=evalset.trigger, target=evalset.target, device=dev)
-                return {k: v for k, v in (("acc", r.acc), ("asr", r.asr), ("ra", r.ra)) if v is not None}
-
-        loop = Loop(name, cfg.epochs, device=dev, seed=seed, progress=progress, time_budget=time_budget,
-                    eval_fn=eval_fn, eval_every=eval_every, sync_checks=sync_checks, clock_start=clock_start)
-        devices = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            info = algorithm(net, data, cfg, loop) or {}
-    finally:
-        if inplace:
-            model.to(user_device)
-            model.train(user_mode)
-    work.to(user_device)
-    work.train(user_mode)
-    timings = dict(loop.timings)
-    n_images = len(data) * max(1, len(loop.history))
-    timings["images_per_s"] = n_images / timings["defense"] if timings.get("defense") else 0.0
-    return PurifyResult(model=work, history=loop.history, timings=timings, status=loop.status, defense=name,
-                        config=dataclasses.asdict(cfg), info=info, schedule=dict(loop.schedule))
-
-
-def _channels(clean_data: Any) -> int:
-    """Channel count of the clean images, for checking ``normalization`` before the data is converted."""
-    x = clean_data[0] if isinstance(clean_data, (tuple, list)) and clean_data else clean_data
-    shape = getattr(x, "shape", None)
-    return int(shape[1]) if shape is not None and len(shape) == 4 else 3
+        return getattr(_run, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -121,10 +121,18 @@ def _row_masks(xs, portion: float, generator: torch.Generator, dev: torch.device
     return [m.view(-1, 1, 1, 1) for m in torch.split(flat, [x.shape[0] for x in xs])]
 
 
+def ops(cfg: FastIBAUConfig):
+    """The fastpurify ops this path calls (resolved against ``backend=`` before any work): the fused universal
+    update of the perturbation pass, and the CG kernels when ``solver="cg"`` (the default fixed point runs on
+    autograd's Hessian-vector products and PyTorch's own operators)."""
+    return ("universal_update",) + (("cg_step", "cg_direction") if cfg.solver == "cg" else ())
+
+
 def _ibau(net: nn.Module, data, cfg: FastIBAUConfig, loop) -> Dict[str, Any]:
     net.eval()
     params = [p for p in net.parameters() if p.requires_grad]
     opt = make_optimizer(params, cfg)
+    loop.track(optimizer=opt)  # θ's optimizer is the only state carried across rounds (δ restarts at 0)
     dev = data.x.device
     pert = torch.zeros((1, *data.x.shape[1:]), device=dev)
     for _ in loop.rounds():
@@ -193,4 +201,4 @@ def ibau(model: nn.Module, clean_data, **kwargs) -> PurifyResult:
         >>> r.status, tuple(r.info["delta"].shape)
         ('completed', (1, 3, 32, 32))
     """
-    return run_defense("ibau", _ibau, FastIBAUConfig, model, clean_data, sync_checks=False, **kwargs)
+    return run_defense("ibau", _ibau, FastIBAUConfig, model, clean_data, ops=ops, sync_checks=False, **kwargs)

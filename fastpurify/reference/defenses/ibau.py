@@ -238,6 +238,7 @@ def _ibau(net: nn.Module, data, cfg: IBAUConfig, loop) -> Dict[str, Any]:
     net.eval()
     params = [p for p in net.parameters() if p.requires_grad]
     opt = make_optimizer(params, cfg)
+    loop.track(optimizer=opt)  # θ's optimizer is the only state carried across rounds (δ restarts at 0)
     dev = data.x.device
     pert = torch.zeros((1, *data.x.shape[1:]), device=dev)
     for _ in loop.rounds():
