@@ -144,8 +144,13 @@ class Loop:
         self._cut = False  # the budget stopped the run
         self._updated = False  # a step changed the model
         self._first_update_at: Optional[float] = None  # budget clock at the end of the first model step
+        self._first_tick: Optional[float] = None  # budget clock at the first step boundary (setup before it)
         self._last_tick: Optional[float] = None
-        self._step_costs: List[float] = []
+        self._tick_kind = "step"
+        self._costs: Dict[str, List[float]] = defaultdict(list)  # the last three step costs of each kind
+        self._share_limit: Optional[float] = None  # the budget clock a share() block may reach
+        self._share_steps = 0
+        self._pre_share = 0.0  # the largest share work before the first update may take (for the advice)
         self._round_costs: List[float] = []
         self._once_seconds = 0.0  # one-off work in the current round (phase(once=True))
         self._cut_steps: Optional[Dict[str, int]] = None
@@ -192,41 +197,83 @@ class Loop:
             return math.inf
         return self._limit() - self._budget_clock()
 
-    def out_of_time(self) -> bool:
-        """At a step boundary: ``True`` when the next step would not finish within the budget (then the run
-        stops: every later call and :meth:`batches` say so too, and :meth:`rounds` ends after this round).
-        Measures the cost of the step since the previous boundary. Always ``False`` without a budget.
+    def out_of_time(self, kind: str = "step") -> bool:
+        """At a step boundary: ``True`` when the next step (of ``kind``) would not finish within the budget (then
+        the run stops: every later call and :meth:`batches` say so too, and :meth:`rounds` ends after this
+        round), or, inside :meth:`share`, when it would pass the block's share (then only the block ends).
+        Measures the cost of the step since the previous boundary, per kind of step. Always ``False`` without a
+        budget.
 
-        Raises :class:`TimeBudgetError` when the budget ran out before any step changed the model."""
+        Until the first model update the run is the warm-up and is never cut (only a :meth:`share` block ends):
+        the minimal useful run is then measured, not guessed, and when its first update ended past the budget
+        :class:`TimeBudgetError` says how long a budget it needs."""
         if self.time_budget is None:
             return False
         if self._cut:
             return True
         now = self._budget_clock()
-        if self._last_tick is not None:
-            self._step_costs = (self._step_costs + [now - self._last_tick])[-3:]
-        self._last_tick = now
-        if self._updated and self._first_update_at is None:
-            self._first_update_at = now
-        # the next step is predicted to cost as much as the dearest of the last three
-        predicted = max(self._step_costs) if self._step_costs else 0.0
+        if self._last_tick is None:
+            self._first_tick = now  # setup: everything from the call to the first step
+        else:
+            costs = self._costs[self._tick_kind]
+            costs.append(now - self._last_tick)
+            del costs[:-3]
+        self._last_tick, self._tick_kind = now, kind
+        predicted = self._predict(kind)
+        if self._share_limit is not None:
+            if self._share_steps > 0 and now + predicted > self._share_limit:
+                return True
+            self._share_steps += 1
+        if not self._updated:
+            return False
+        self._judge_warm_up()
         if now + predicted <= self._limit():
             return False
         self._cut = True
         self._cut_steps = {"round": self.round + 1, "steps": self.step_in_round}
-        if not self._updated or (self._first_update_at is not None and self._first_update_at > self.time_budget):
-            # nothing changed the model, or the first step alone overran the budget: not a purification
-            self._too_short(now, predicted)
         return True
 
-    def _too_short(self, spent: float, cost: float) -> None:
-        cost = cost if cost > 0 else spent
-        what = ("without changing the model" if not self._updated else
-                f"and the first step alone ended at {self._first_update_at:.2f} s, past the budget")
+    def _predict(self, kind: str) -> float:
+        """The cost of the next step of ``kind``: the dearest of its last three; for a kind not seen yet, the
+        dearest recent step of any kind."""
+        costs = self._costs.get(kind) or [c for cs in self._costs.values() for c in cs]
+        return max(costs) if costs else 0.0
+
+    @contextlib.contextmanager
+    def share(self, fraction: float):
+        """Before the first model update, give the steps inside the block at most ``fraction`` of the budget that
+        remains when it starts (at least one step runs): for work that precedes the model update in a round —
+        I-BAU's perturbation pass, AWM's trigger recovery — so that the first update still fits. Once a round was
+        timed the planner fits whole rounds, so later blocks are not limited; without a budget nothing changes."""
+        if self.time_budget is None or self._updated:
+            yield
+            return
+        self._pre_share = max(self._pre_share, fraction)
+        outer = (self._share_limit, self._share_steps)
+        self._share_limit = self._budget_clock() + fraction * max(0.0, self.remaining())
+        self._share_steps = 0
+        try:
+            yield
+        finally:
+            self._share_limit, self._share_steps = outer
+
+    def _judge_warm_up(self) -> None:
+        """After the first model update: raise when it ended past the budget."""
+        if self._first_update_at is not None and self._first_update_at > self._limit():
+            self._too_short()
+
+    def _too_short(self) -> None:
+        """The first model update ended past the budget. The budget that fits the measured minimal run: its first
+        update, plus the share of the budget that work before it may take, plus the reserve, with a 25 % margin
+        (a budget of that size was checked to run: tests/test_time_budget.py)."""
+        first = self._first_update_at
+        setup = self._first_tick if self._first_tick is not None else first
+        need = 1.25 * first / (1.0 - BUDGET_RESERVE - self._pre_share)
         raise TimeBudgetError(
-            f"{self.name}: time_budget={self.time_budget:g} s is too short for one useful step: {spent:.2f} s went "
-            f"to setup and warm-up {what} (one step costs about {cost:.2f} s); give at least "
-            f"{spent + 2 * cost:.1f} s, or time_budget=None. Nothing was returned as purified.")
+            f"{self.name}: time_budget={self.time_budget:.3g} s is too short for one useful step: the first model "
+            f"update ended at {first:.3g} s ({setup:.3g} s of setup before the first step); give at least "
+            f"{need:.3g} s (measured on this run, with a 25 % margin), or time_budget=None. Nothing was returned "
+            "as purified.")
 
     def fit(self, requested: int, cost_each: float, share: float = 1.0) -> int:
         """How many units of an inner phase (e.g. recovery epochs), each costing about ``cost_each`` seconds,
@@ -236,6 +283,8 @@ class Loop:
             return 0
         if self.time_budget is None:
             return requested
+        if not self._updated:
+            self._pre_share = max(self._pre_share, share)
         left = share * self.remaining()
         n = int(left // cost_each) if cost_each > 0 else requested
         return max(1, min(requested, n))
@@ -254,18 +303,20 @@ class Loop:
 
     # ------------------------------------------------------------------------------------------- data
     def batches(self, n: int, batch_size: int, *, shuffle: bool = True, drop_last: bool = False,
-                replacement: bool = False, steps: Optional[int] = None, budget: bool = True) -> Iterator[Tensor]:
+                replacement: bool = False, steps: Optional[int] = None, budget: bool = True,
+                kind: str = "step") -> Iterator[Tensor]:
         """Index tensors (on the device) over ``n`` samples: an epoch in seeded random order (or in order),
         or ``steps`` batches drawn with replacement. With a time budget, stops early when the next step would
-        not fit (:meth:`out_of_time`); ``budget=False`` for passes that must run whole (scoring)."""
+        not fit (:meth:`out_of_time`, which times steps per ``kind``); ``budget=False`` for passes that must run
+        whole (scoring)."""
         timed = budget and self.time_budget is not None
         if replacement:
             for _ in range(steps if steps is not None else max(1, n // batch_size)):
-                if timed and self.out_of_time():
+                if timed and self.out_of_time(kind):
                     return
                 yield torch.randint(0, n, (batch_size,), generator=self.generator).to(self.device)
             if timed:
-                self.out_of_time()  # time the last step
+                self.out_of_time(kind)  # time the last step
             return
         order = torch.randperm(n, generator=self.generator) if shuffle else torch.arange(n)
         order = order.to(self.device)
@@ -274,12 +325,12 @@ class Loop:
         for s in range(0, stop, batch_size):
             if steps is not None and count >= steps:
                 break
-            if timed and self.out_of_time():
+            if timed and self.out_of_time(kind):
                 return
             count += 1
             yield order[s:s + batch_size]
         if timed:
-            self.out_of_time()  # time the last step
+            self.out_of_time(kind)  # time the last step
 
     # ------------------------------------------------------------------------------------------- steps
     def check_finite(self, loss: Tensor, what: str = "loss") -> None:
@@ -309,6 +360,8 @@ class Loop:
             loss.backward()
         optimizer.step()
         if updates_model:
+            if not self._updated and self.time_budget is not None:
+                self._first_update_at = self._budget_clock()
             self._updated = True
             self.step_in_round += 1
 
@@ -342,8 +395,7 @@ class Loop:
                     self._plan(r)  # re-planned after every round, also when the last plan said stop here
                     if bar is not None:
                         bar.total = self.total_rounds
-                    if r >= self.total_rounds and not self._updated:  # nothing was purified
-                        self._too_short(self._budget_clock(), self.schedule["round_seconds"])
+                    self._judge_warm_up()
                 if r >= self.total_rounds:
                     break
                 self.round, self.step_in_round, self._pending, self._bad_step = r, 0, {}, None

@@ -58,7 +58,7 @@ from torch import Tensor, nn
 
 from ..ops.cg import implicit_hypergrad
 from ..ops.universal import universal_update_
-from ..reference.defenses.ibau import IBAUConfig, make_optimizer
+from ..reference.defenses.ibau import PASS_SHARE, IBAUConfig, make_optimizer
 from ._loop import PRECISIONS, PurifyResult, check_choice, precision_autocast, run_defense
 
 
@@ -84,7 +84,7 @@ def perturbation_pass(net: nn.Module, xs, cfg: IBAUConfig, loop) -> Dict[str, Te
     loss_sum = torch.zeros((), device=x0.device)
     autocast = precision_autocast(cfg.precision, x0.device)
     for x in xs:
-        if loop.out_of_time():  # a time budget ran out: the round ends here
+        if loop.out_of_time("perturbation"):  # a time budget ran out: the pass ends here
             break
         with torch.no_grad(), autocast:
             pseudo = net(x).argmax(1)
@@ -141,7 +141,7 @@ def _ibau(net: nn.Module, data, cfg: FastIBAUConfig, loop) -> Dict[str, Any]:
         xs = [data.x[idx] for idx in batches]  # gathered once, used by both passes
         ys = [data.y[idx] for idx in batches]
 
-        with loop.phase("attack"):
+        with loop.phase("attack"), loop.share(PASS_SHARE):
             p = perturbation_pass(net, xs, cfg, loop)
         pert = p["delta"]
 
@@ -155,7 +155,7 @@ def _ibau(net: nn.Module, data, cfg: FastIBAUConfig, loop) -> Dict[str, Any]:
         iters_sum = torch.zeros((), device=dev)
         steps = 0
         for xj, yj, mask in zip(xs, ys, _row_masks(xs, cfg.outer_portion, loop.generator, dev)):
-            if loop.out_of_time():
+            if loop.out_of_time("hypergrad"):
                 break
 
             def outer_loss(d: Tensor, xj=xj, yj=yj, mask=mask) -> Tensor:  # L_out = CE(f(Xj + Mj⊙δ), Yj)

@@ -227,6 +227,11 @@ def _perturbed(x: Tensor, delta: Tensor, clamp: bool) -> Tensor:
     return torch.clamp(x + delta, 0, 1) if clamp else x + delta
 
 
+# With a time budget, the first round's perturbation pass may take at most this share of the budget, so that the
+# first model update (a hypergradient step, several times dearer than a pass batch) still fits.
+PASS_SHARE = 1 / 3
+
+
 def make_optimizer(params, cfg: IBAUConfig) -> torch.optim.Optimizer:
     """The outer optimiser on θ: Adam (``amsgrad`` as configured) or SGD, at ``cfg.lr``."""
     if cfg.optimizer == "adam":
@@ -249,9 +254,9 @@ def _ibau(net: nn.Module, data, cfg: IBAUConfig, loop) -> Dict[str, Any]:
         delta = torch.zeros((1, *data.x.shape[1:]), device=dev, requires_grad=True)
         delta_opt = torch.optim.SGD([delta], lr=cfg.delta_lr)
         delta_loss = torch.zeros((), device=dev)
-        with loop.phase("attack"):
+        with loop.phase("attack"), loop.share(PASS_SHARE):
             for idx in batches:
-                if loop.out_of_time():  # a time budget ran out: the round ends here
+                if loop.out_of_time("perturbation"):  # a time budget ran out: the pass ends here
                     break
                 x = data.x[idx]
                 pseudo = torch.argmax(net(x), dim=1)  # with a graph, as published
@@ -277,7 +282,7 @@ def _ibau(net: nn.Module, data, cfg: IBAUConfig, loop) -> Dict[str, Any]:
 
         outer_sum, iters_sum, steps = torch.zeros((), device=dev), 0, 0
         for idx in batches:
-            if loop.out_of_time():
+            if loop.out_of_time("hypergrad"):
                 break
             xj, yj = data.x[idx], data.y[idx]
             n_rows = int(xj.shape[0] * cfg.outer_portion)
