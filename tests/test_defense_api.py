@@ -1,7 +1,6 @@
 """The common defense API and the shared loop helper: input forms, validation before any work, copies and
 modes, seeding, the finite guard, evaluation cadence, time budget, normalisation, the class form."""
 
-import time
 from dataclasses import dataclass
 
 import pytest
@@ -179,14 +178,18 @@ def test_eval_cadence_and_separate_timing():
 
 
 def test_time_budget_stops_between_rounds():
+    from test_time_budget import FakeClock
+
+    clock = FakeClock()
+
     def slow(net, data, cfg, loop):
         opt = torch.optim.SGD(net.parameters(), lr=0.0)
         for _ in loop.rounds():
-            time.sleep(0.2)
+            clock.advance(0.2)
             loop.step(opt)
 
-    r = run_defense("slow", slow, ToyConfig, Tiny(), _data(), epochs=50, time_budget=0.5, progress=False)
-    assert r.status == "budget_exhausted" and 1 <= len(r.history) <= 3 and r.timings["defense"] <= 0.75
+    r = run_defense("slow", slow, ToyConfig, Tiny(), _data(), epochs=50, time_budget=0.5, progress=False, clock=clock)
+    assert r.status == "budget_exhausted" and len(r.history) == 2 and r.timings["defense"] == pytest.approx(0.4)
 
 
 def test_normalization_is_applied_in_front_of_the_model():
