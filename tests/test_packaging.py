@@ -99,3 +99,13 @@ def test_wheel_holds_every_module(tmp_path):
     assert "fastpurify/kernels/__init__.py" in shipped and not any(n.startswith("kernels/") for n in names)
     entry = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
     assert entry, "the wheel has no entry_points.txt (the fastpurify command)"
+
+
+def test_readme_test_command_is_what_ci_runs():
+    """The README's "Set everything up and run the tests" command and .ci/run's are the same line."""
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    readme = (ROOT / "README.md").read_text().splitlines()
+    (command,) = [line for line in ci if " -m pytest tests " in line]
+    assert command in readme, f".ci/run's test command is not in README.md: {command}"
+    assert "-rfEs" in command  # failed and errored tests are named in the summary, not only skips
+    assert "bash .ci/wheel_smoke.sh" in ci
