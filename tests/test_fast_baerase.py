@@ -195,14 +195,14 @@ def test_one_forward_equals_two_in_train_mode():
 # ---------------------------------------------------------------------------------------------- options and contract
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(precision="fp16"), r"precision='fp16' is not valid; expected one of: 'fp32', 'bf16'"),
-    (dict(channels_last=1), r"channels_last must be True or False, got 1"),
-    (dict(position="middle"), r"position='middle' is not valid; expected one of: 'random', 'corner'"),
+@pytest.mark.parametrize("kw, error, match", [
+    (dict(precision="fp16"), ValueError, r"precision='fp16' is not valid; expected one of: 'fp32', 'bf16'"),
+    (dict(channels_last=1), TypeError, r"channels_last must be True or False, got 1"),  # a wrong type
+    (dict(position="middle"), ValueError, r"position='middle' is not valid; expected one of: 'random', 'corner'"),
 ])
-def test_bad_options_name_the_value(backdoored, kw, match):
+def test_bad_options_name_the_value(backdoored, kw, error, match):
     model, clean, _ = backdoored
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(error, match=match):
         fastpurify.baerase(model, clean, progress=False, **kw)
     with pytest.raises(ValueError, match=r"target=10 is outside \[0, 10\)"):
         fastpurify.baerase(model, clean, target=10, progress=False)
@@ -231,7 +231,9 @@ def test_frozen_user_parameters_and_early_stop(backdoored):
     assert r.info["stopped_early"] == 1 and len(r.history) == 1 and r.info["target"] == 3
     assert "detected_target" not in r.info
     assert [p.requires_grad for p in r.model.parameters()] == flags == [p.requires_grad for p in user.parameters()]
-    assert not torch.equal(r.model[0].weight, user[0].weight)  # as in the reference, every weight is unlearned
+    # a frozen parameter is never changed (issue 13's policy); the others are unlearned
+    assert torch.equal(r.model[0].weight, user[0].weight) and torch.equal(r.model[0].bias, user[0].bias)
+    assert not torch.equal(r.model[4].weight, user[4].weight)
     r = fastpurify.baerase(user, clean, stop_rate=None, **kw)
     assert r.info["stopped_early"] is None and len(r.history) == 3
 

@@ -55,7 +55,7 @@ from torch import Tensor, nn
 from ..masked import MaskedModel
 from ..ops.masked_conv import masked_adam_clamp_
 from ..ops.universal import universal_update_
-from ..reference.defenses.awm import AWMConfig
+from ..reference.defenses.awm import AWMConfig, maskable_convs
 from ._inputs import Normalize
 from ._loop import PRECISIONS, PurifyResult, check_choice, precision_autocast, run_defense
 
@@ -180,11 +180,10 @@ def _shrink(mm: MaskedModel, data, cfg: AWMConfig, loop, steps: int, masks) -> N
 
 
 def _awm(net: nn.Module, data, cfg: FastAWMConfig, loop) -> Dict[str, Any]:
-    if not any(isinstance(m, nn.Conv2d) for m in net.modules()):
-        raise ValueError("AWM masks the Conv2d layers of the model, and this model has none")
+    layers = maskable_convs(net)  # as in the reference: a conv whose weight the user froze gets no mask
     steps = max(1, len(data) // cfg.batch_size) * cfg.inner
     net.eval()
-    mm = MaskedModel(net, path="multi").eval()  # works on a copy of net; folded back into net at the end
+    mm = MaskedModel(net, layers, path="multi").eval()  # works on a copy of net; folded back into net at the end
     for p in mm.parameters():  # only the masks are learned: no gradient for anything else
         p.requires_grad_(False)
     named = mm.masks()

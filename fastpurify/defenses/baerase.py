@@ -297,8 +297,9 @@ def recover(net: nn.Module, data, classes: Sequence[int], cfg: FastBAERASEConfig
     kk, c = len(classes), data.x.shape[1]
     out = c * cfg.patch_size ** 2
     dev = data.x.device
-    gen = Generator(kk, cfg.noise_dim, out, cfg.hidden_size).to(dev)
-    mine = Mine(kk, cfg.noise_dim, out, cfg.hidden_size).to(dev)
+    # initialised from the run's generator, as in the reference (not the process-global RNG: thread safety)
+    gen = Generator(kk, cfg.noise_dim, out, cfg.hidden_size, generator=loop.generator).to(dev)
+    mine = Mine(kk, cfg.noise_dim, out, cfg.hidden_size, generator=loop.generator).to(dev)
     fused = {"fused": True} if dev.type == "cuda" else {}  # one launch per Adam step on the GPU
     g_opt = torch.optim.Adam(gen.parameters(), lr=cfg.gen_lr, betas=tuple(cfg.gen_betas), **fused)
     m_opt = torch.optim.Adam(mine.parameters(), lr=cfg.gen_lr, betas=tuple(cfg.gen_betas), **fused)
@@ -401,8 +402,9 @@ def _baerase(net: nn.Module, data, cfg: FastBAERASEConfig, loop) -> Dict[str, An
         raise ValueError(f"patch_size={k} does not fit images of size {tuple(data.x.shape[2:])}")
     classes = list(range(data.num_classes)) if cfg.target is None else [cfg.target]
     dev = data.x.device
-    params = list(net.parameters())
-    flags = [p.requires_grad for p in params]
+    everything = list(net.parameters())
+    flags = [p.requires_grad for p in everything]
+    params = [p for p in everything if p.requires_grad]  # the unlearned ones: a frozen parameter is never changed
     if cfg.channels_last:
         net.to(memory_format=torch.channels_last)
     theta0 = [p.detach().clone() for p in params]
@@ -428,7 +430,7 @@ def _baerase(net: nn.Module, data, cfg: FastBAERASEConfig, loop) -> Dict[str, An
                             recovery=logs)
                 if cfg.target is None:
                     info["detected_target"] = target
-                for p in params:  # as in the reference: every weight of f is unlearned
+                for p in params:  # as in the reference: every weight of f is unlearned, except the frozen ones
                     p.requires_grad_(True)
             sums = torch.zeros(3, device=dev)  # loss, clean CE, patch CE
             batches = 0
@@ -463,7 +465,7 @@ def _baerase(net: nn.Module, data, cfg: FastBAERASEConfig, loop) -> Dict[str, An
                 stopped = True
                 info["stopped_early"] = r + 1
     finally:
-        for p, flag in zip(params, flags):
+        for p, flag in zip(everything, flags):
             p.grad = None
             p.requires_grad_(flag)
         if cfg.channels_last:

@@ -26,8 +26,9 @@ What changes against the reference, and why it is the same method:
   fp32 for the loss; weights, gradients and SGD stay fp32), ``channels_last=True`` converts both models and the
   inputs (both off by default: measure first).
 
-Everything else — the defaults, the layer groups and the re-initialisation (imported from the reference), the
-random streams (re-initialisation, batch order, augmentation seed, dropout) — is the reference's, so in fp32
+Everything else — the defaults, the layer groups and the re-initialisation (imported from the reference: drawn
+from the run's generator, never the process-global RNG, and skipping frozen parameters), the random streams
+(re-initialisation, batch order, augmentation seed, dropout) — is the reference's, so in fp32
 on CPU the fast path follows the reference to float rounding, which training amplifies (tiny net, 4 rounds:
 loss 3e-8 relative in round 1, 2.4e-5 in round 4, weights within 2.4e-5; the same ACC/ASR: see
 tests/test_fast_bcu.py). Two differences in what is returned: the history's ``lr`` is the learning rate used
@@ -111,7 +112,9 @@ def _bcu(net: nn.Module, data, cfg: FastBCUConfig, loop) -> Dict[str, Any]:
         net.to(memory_format=torch.channels_last)
         teacher.to(memory_format=torch.channels_last)
     dev = data.x.device
-    opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+    # Only the trainable parameters: a parameter the user froze is never changed (nor re-initialised above).
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(trainable, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                           **({"fused": True} if dev.type == "cuda" else {"foreach": True}))
     # The reference's augmentation stream: seeded from the loop's generator right after the re-initialisation.
     aug_gen = torch.Generator(device=dev).manual_seed(int(torch.randint(0, 2**62, (1,), generator=loop.generator)))

@@ -55,7 +55,38 @@ class FastSAUConfig(SAUConfig):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
 
-_NORMS = {"L_inf": "linf", "L2": "l2", "L1": "l1"}
+_NORMS = {"L_inf": "linf", "L2": "l2", "L1": "l1"}  # "Reg" (no projection): _Unprojected
+
+
+class _Unprojected(SharedPGD):
+    """:class:`~fastpurify.ops.SharedPGD` for ``norm="Reg"``, which the published code runs without any projection.
+
+    It is the L∞ attack with a radius no δ reaches — ``|δ0| ≤ max(ε, 1)`` and a step moves an element by α, so the
+    radius ``2·(max(ε, 1) + steps·α)`` never binds and every clamp is the identity: each step is exactly the
+    reference's ``δ ← δ − α·sign(∇)``. δ0 is the reference's too: built with ε itself for ``'max'``/``'min'`` (±ε),
+    with the unreachable radius for ``'random'`` (U[0, 1), unprojected) and ``'zero'``.
+    """
+
+    def __init__(self, f: nn.Module, f0: nn.Module, *, eps: float, step: float, steps: int, init: str, **kwargs):
+        self.reach = 2.0 * (max(float(eps), 1.0) + steps * float(step))
+        super().__init__(f, f0, eps=eps if init in ("max", "min") else self.reach, step=step, steps=steps,
+                         norm="linf", init=init, **kwargs)
+
+    def _step(self, st, forward, mean, std) -> None:
+        eps, self.eps = self.eps, self.reach  # the steps (and a captured CUDA graph) clamp to the unreachable radius
+        try:
+            super()._step(st, forward, mean, std)
+        finally:
+            self.eps = eps
+
+
+def _attack(net: nn.Module, ref: nn.Module, cfg: FastSAUConfig) -> SharedPGD:
+    """The shared PGD of ``cfg`` (any of the reference's norms, ``"Reg"`` included)."""
+    kw = dict(eps=cfg.eps, step=cfg.step_size, steps=cfg.pgd_steps, init=cfg.pgd_init, beta1=cfg.beta1,
+              beta2=cfg.beta2, precision=cfg.precision, channels_last=cfg.channels_last, cuda_graph=cfg.cuda_graph)
+    if cfg.norm == "Reg":
+        return _Unprojected(net, ref, **kw)
+    return SharedPGD(net, ref, norm=_NORMS[cfg.norm], **kw)
 
 
 def unlearning_loss_fast(net: nn.Module, ref: nn.Module, x: Tensor, y: Tensor, delta: Tensor, y_hat0: Tensor,
@@ -92,9 +123,7 @@ def _sau(net: nn.Module, data, cfg: FastSAUConfig, loop) -> Dict[str, Any]:
     ref = copy.deepcopy(net).eval().requires_grad_(False)  # f0: frozen, never needs a gradient
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
                            amsgrad=cfg.amsgrad, **({"fused": True} if data.x.is_cuda else {}))
-    attack = SharedPGD(net, ref, eps=cfg.eps, step=cfg.step_size, steps=cfg.pgd_steps, norm=_NORMS[cfg.norm],
-                       init=cfg.pgd_init, beta1=cfg.beta1, beta2=cfg.beta2, precision=cfg.precision,
-                       channels_last=cfg.channels_last, cuda_graph=cfg.cuda_graph)
+    attack = _attack(net, ref, cfg)
     dev = data.x.device
     for _ in loop.rounds():
         sums = {k: torch.zeros((), device=dev) for k in ("loss", "clean", "sar", "poison", "shared", "pgd_steps")}

@@ -23,6 +23,8 @@ What this port chose, and why (read against ``jinghuichen/AWM: main.py, models/m
   dilation, 1×1 shortcuts) is temporarily parametrised as ``weight = θ ⊙ m`` (``torch.nn.utils.parametrize``),
   which is the published separate elementwise multiply per layer per forward; the parametrisation is removed
   at the end with the product left in the weight.
+- **Frozen convs are not masked**: a conv whose weight the user froze (``requires_grad=False``) keeps its weight
+  (fastpurify's policy: a defense never changes a frozen parameter); the authors mask every conv.
 - **Pseudo-labels in the recovery**: the code uses ``argmax f(x)``, the paper writes the true labels; the
   code is followed.
 - **T for small data**: the published ``T = int(n/B)·inner`` is 0 when n < B, and the authors' one-shot
@@ -36,9 +38,9 @@ What this port chose, and why (read against ``jinghuichen/AWM: main.py, models/m
   ``CE(f(x), y) + γ·Σ|m|`` with a separate Adam, lr 1e-3) runs at the start of the first round.
 - **Kept as published** (the baseline's waste): the pseudo-label forward is built with a graph; the
   recovery loss is backpropagated with ``retain_graph=True`` into Δ *and* into every weight and mask
-  (every parameter of the model requires grad during the defense, as in the authors' freshly built
-  network, and θ.grad accumulates without ever being used or zeroed); the unused L2 norm of the masks and a
-  ``loss.item()`` host sync are computed at every mask step. Gradients are cleared and the caller's
+  (every parameter of the model the user did not freeze requires grad during the defense, as in the authors'
+  freshly built network, and θ.grad accumulates without ever being used or zeroed); the unused L2 norm of the
+  masks and a ``loss.item()`` host sync are computed at every mask step. Gradients are cleared and the caller's
   ``requires_grad`` flags restored at the end.
 """
 
@@ -173,6 +175,28 @@ def mask_step(loop, optimizer: torch.optim.Optimizer, masks: List[Tensor], loss:
             m.clamp_(0.0, 1.0)
 
 
+def maskable_convs(net: nn.Module) -> List[str]:
+    """The names (in ``net``) of the Conv2d layers AWM masks: every one whose weight is trainable. A conv whose
+    weight the user froze (``requires_grad=False``) gets no mask, since a defense never changes a frozen parameter.
+    Raises ``ValueError`` when no conv can be masked.
+
+    Example::
+
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3))
+        >>> maskable_convs(net.requires_grad_(True)), maskable_convs(net[0].requires_grad_(False) and net)
+        (['0', '2'], ['2'])
+    """
+    convs = [(n, m) for n, m in net.named_modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise ValueError("AWM masks the Conv2d layers of the model, and this model has none")
+    names = [n for n, m in convs if m.weight.requires_grad]
+    if not names:
+        raise ValueError(f"AWM masks the weights of the model's Conv2d layers, and all {len(convs)} are frozen "
+                         "(requires_grad=False); a defense never changes a frozen parameter: unfreeze the conv "
+                         "weights to purify with AWM, or use another defense")
+    return names
+
+
 def _user_names(net: nn.Module) -> Dict[nn.Module, str]:
     """Conv module -> its name in the *user's* model (the defenses may wrap it as Sequential(Normalize, model))."""
     strip = isinstance(net, nn.Sequential) and len(net) == 2 and isinstance(net[0], Normalize)
@@ -235,16 +259,14 @@ def _shrink(net, data, cfg: AWMConfig, loop, steps: int, masks) -> None:
 
 def _awm(net: nn.Module, data, cfg: AWMConfig, loop) -> dict:
     names = _user_names(net)
-    convs = list(names)
-    if not convs:
-        raise ValueError("AWM masks the Conv2d layers of the model, and this model has none")
+    convs = [net.get_submodule(n) for n in maskable_convs(net)]  # a frozen conv weight gets no mask
     steps = max(1, len(data) // cfg.batch_size) * cfg.inner
     flags = [(p, p.requires_grad) for p in net.parameters()]
     finished = False
     delta = torch.zeros((1, *data.x.shape[1:]), device=data.x.device)
     try:
-        for p, _ in flags:  # as published: every parameter requires grad (the authors' freshly built network)
-            p.requires_grad_(True)
+        # As published, every parameter requires grad (the authors' freshly built network), except the ones the
+        # user froze: they stay frozen and unmasked. Only the masks are stepped either way.
         for conv in convs:
             parametrize.register_parametrization(conv, "weight", _Mask(conv.weight))
         masks = [conv.parametrizations.weight[0].mask for conv in convs]

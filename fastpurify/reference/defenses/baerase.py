@@ -28,6 +28,10 @@ the generator training — is never called before unlearning):
   stamped here into pixel images in front of the model's normalisation (if any). Patch + noise is not
   clipped, as published.
 - **The L1 anchor** is ``Σ|θ − θ0|`` over all parameters (the intent of the broken ``zip`` over modules).
+- **Frozen parameters are kept**: the unlearning updates every parameter of f except those the user froze
+  (``requires_grad=False``; fastpurify's policy: a defense never changes them). The published code unlearns all.
+- **G and T are initialised from the run's generator** (``loop.generator``), not the process-global RNG, which two
+  runs in two threads would share (their results then differed from the same runs made one after the other).
 - **Random location**: ``⌊u·(H − k)⌋`` per axis with u ~ U[0, 1) as published (the last offset H − k is never
   drawn); ``position="corner"`` is the published bottom-right alternative.
 - **Early stop on defender data**: the published loop evaluates the *test set with the true trigger* after
@@ -128,17 +132,20 @@ class BAERASEConfig:
 
 
 class _Linear(nn.Module):
-    """K independent Linear layers: (K, B, in) -> (K, B, out), each initialised as ``nn.Linear``."""
+    """K independent Linear layers: (K, B, in) -> (K, B, out), each initialised as ``nn.Linear``, on the CPU, from
+    ``generator`` (None: the global RNG). The defense passes the run's generator: the global RNG is one per process,
+    and two runs in two threads drew each other's initial weights through it (issue 13)."""
 
-    def __init__(self, k: int, n_in: int, n_out: int, bias: bool = True) -> None:
+    def __init__(self, k: int, n_in: int, n_out: int, bias: bool = True,
+                 generator: Optional[torch.Generator] = None) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(k, n_out, n_in))
-        self.bias = nn.Parameter(torch.empty(k, n_out)) if bias else None
+        self.weight = nn.Parameter(torch.empty(k, n_out, n_in, device="cpu"))
+        self.bias = nn.Parameter(torch.empty(k, n_out, device="cpu")) if bias else None
         bound = 1.0 / math.sqrt(n_in)
         for i in range(k):
-            nn.init.kaiming_uniform_(self.weight[i], a=math.sqrt(5))  # nn.Linear's default
+            nn.init.kaiming_uniform_(self.weight[i], a=math.sqrt(5), generator=generator)  # nn.Linear's default
             if self.bias is not None:
-                nn.init.uniform_(self.bias[i], -bound, bound)
+                nn.init.uniform_(self.bias[i], -bound, bound, generator=generator)
 
     def forward(self, x: Tensor) -> Tensor:
         out = torch.bmm(x, self.weight.transpose(1, 2))
@@ -161,14 +168,17 @@ class _BatchNorm(nn.BatchNorm1d):
 class Generator(nn.Module):
     """K patch generators (Qiao et al.'s MLP with a quarter of z fed to each layer).
 
-    Shapes: ``z`` K×B×noise_dim in [0, 1] -> patches K×B×out in (0, 1) (out = C·k·k).
+    Shapes: ``z`` K×B×noise_dim in [0, 1] -> patches K×B×out in (0, 1) (out = C·k·k). Initialised on the CPU from
+    ``generator`` (None: the global RNG).
     """
 
-    def __init__(self, k: int, noise_dim: int, out: int, hidden: int) -> None:
+    def __init__(self, k: int, noise_dim: int, out: int, hidden: int,
+                 generator: Optional[torch.Generator] = None) -> None:
         super().__init__()
         s = self.skip = noise_dim // 4
-        self.fc = nn.ModuleList([_Linear(k, s, hidden), _Linear(k, hidden + s, hidden),
-                                 _Linear(k, hidden + s, hidden), _Linear(k, hidden + s, out)])
+        g = generator
+        self.fc = nn.ModuleList([_Linear(k, s, hidden, generator=g), _Linear(k, hidden + s, hidden, generator=g),
+                                 _Linear(k, hidden + s, hidden, generator=g), _Linear(k, hidden + s, out, generator=g)])
         self.bn = nn.ModuleList([_BatchNorm(k, hidden) for _ in range(3)])
 
     def forward(self, z: Tensor) -> Tensor:
@@ -199,16 +209,18 @@ class Generator(nn.Module):
 class Mine(nn.Module):
     """K MINE statistics networks T(z, p) (the published MLP, LeakyReLU 0.2 after every layer, the last too).
 
-    Shapes: ``z`` K×B×noise_dim, ``p`` K×B×out -> K×B.
+    Shapes: ``z`` K×B×noise_dim, ``p`` K×B×out -> K×B. Initialised on the CPU from ``generator`` (None: the global
+    RNG).
     """
 
-    def __init__(self, k: int, noise_dim: int, out: int, hidden: int) -> None:
+    def __init__(self, k: int, noise_dim: int, out: int, hidden: int,
+                 generator: Optional[torch.Generator] = None) -> None:
         super().__init__()
-        self.fc_z = _Linear(k, noise_dim, hidden, bias=False)
-        self.fc_p = _Linear(k, out, hidden, bias=False)
-        self.bias = nn.Parameter(torch.zeros(k, 1, hidden))
-        self.fc2 = _Linear(k, hidden, hidden)
-        self.fc3 = _Linear(k, hidden, 1)
+        self.fc_z = _Linear(k, noise_dim, hidden, bias=False, generator=generator)
+        self.fc_p = _Linear(k, out, hidden, bias=False, generator=generator)
+        self.bias = nn.Parameter(torch.zeros(k, 1, hidden, device="cpu"))
+        self.fc2 = _Linear(k, hidden, hidden, generator=generator)
+        self.fc3 = _Linear(k, hidden, 1, generator=generator)
 
     def forward(self, z: Tensor, p: Tensor) -> Tensor:
         h = F.leaky_relu(self.fc_z(z) + self.fc_p(p) + self.bias, 0.2)
@@ -326,8 +338,9 @@ def _recover(net: nn.Module, data, classes: List[int], cfg: BAERASEConfig, loop)
     kk, c = len(classes), data.x.shape[1]
     out = c * cfg.patch_size ** 2
     dev = data.x.device
-    gen = Generator(kk, cfg.noise_dim, out, cfg.hidden_size).to(dev)
-    mine = Mine(kk, cfg.noise_dim, out, cfg.hidden_size).to(dev)
+    # initialised from the run's generator, not the process-global RNG (thread safety)
+    gen = Generator(kk, cfg.noise_dim, out, cfg.hidden_size, generator=loop.generator).to(dev)
+    mine = Mine(kk, cfg.noise_dim, out, cfg.hidden_size, generator=loop.generator).to(dev)
     g_opt = torch.optim.Adam(gen.parameters(), lr=cfg.gen_lr, betas=tuple(cfg.gen_betas))
     m_opt = torch.optim.Adam(mine.parameters(), lr=cfg.gen_lr, betas=tuple(cfg.gen_betas))
     cls = torch.as_tensor(classes, device=dev)
@@ -396,10 +409,11 @@ def _baerase(net: nn.Module, data, cfg: BAERASEConfig, loop) -> dict:
         raise ValueError(f"patch_size={k} does not fit images of size {tuple(data.x.shape[2:])}")
     classes = list(range(data.num_classes)) if cfg.target is None else [cfg.target]
     flags = [(p, p.requires_grad) for p in net.parameters()]
-    for p, _ in flags:  # as published: every weight of f requires grad in both stages
-        p.requires_grad_(True)
-    theta0 = [p.detach().clone() for p in net.parameters()]
-    opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    # As published, every weight of f requires grad in both stages and is unlearned, except the parameters the
+    # user froze (requires_grad=False): a defense never changes those (fastpurify's policy).
+    params = [p for p in net.parameters() if p.requires_grad]
+    theta0 = [p.detach().clone() for p in params]
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     info: dict = {}
     stopped = False
     try:
@@ -430,7 +444,7 @@ def _baerase(net: nn.Module, data, cfg: BAERASEConfig, loop) -> dict:
                     row, col = location(x.shape[2], x.shape[3], k, cfg.position, loop.generator)
                     x_p = stamp(x, patch, row, col)
                     poison_loss = -F.cross_entropy(net(x_p), torch.full_like(y, target))
-                    anchor = sum((p - p0).abs().sum() for p, p0 in zip(net.parameters(), theta0))
+                    anchor = sum((p - p0).abs().sum() for p, p0 in zip(params, theta0))  # frozen ones add 0
                     loss = cfg.clean_weight * clean_loss + poison_loss + cfg.l1_weight * anchor
                     loop.check_finite(loss, "unlearning loss")
                     loop.step(opt, loss)

@@ -25,6 +25,11 @@ What this port chose, and why:
   layer. ``result.info["layer_groups"]`` says which group each layer got.
 - **Normalisation layers by type**: the authors skip keys containing ``bn`` or ``shortcut.1``; any
   ``_NormBase``/GroupNorm/LayerNorm is skipped here.
+- **Frozen parameters are kept**: a parameter with ``requires_grad=False`` is neither re-initialised nor trained
+  (fastpurify's policy: a defense never changes what the user froze); the authors re-initialise and train all.
+- **Every random number from the run's generator** (``loop.generator``): the fresh values too, which the authors
+  draw from the global RNG (``reset_parameters``). The global RNG is one per process, so two runs in two threads
+  drew each other's numbers and differed from the same runs made one after the other.
 - **No model selection on the test set**: the published script reports the epoch with the best *test*
   accuracy. A defender has no test set: the last model is returned.
 - **Kept as published** (the baseline's waste): the teacher's softmax / confidence mask / pseudo-label CE
@@ -163,19 +168,41 @@ def layer_groups(model: nn.Module, example: torch.Tensor, stage_map: Optional[Di
     return groups
 
 
-def _fresh(module: nn.Module) -> nn.Module:
-    """A freshly initialised copy of a Conv/Linear layer (Kaiming normal fan_out for conv weights)."""
-    new = copy.deepcopy(module)
-    new.reset_parameters()
-    if isinstance(new, nn.modules.conv._ConvNd):
-        nn.init.kaiming_normal_(new.weight, mode="fan_out", nonlinearity="relu")
-    return new
+def _fresh(module: nn.Module, name: str, param: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A freshly initialised value (on the CPU) for the parameter ``name`` of a Conv/Linear layer: Kaiming normal
+    (fan_out, ReLU) for conv weights, PyTorch's default initialisation (``reset_parameters``: Kaiming uniform with
+    a = √5 for weights, U(±1/√fan_in) for biases) otherwise.
+
+    Drawn from ``generator`` (the run's), never from the global RNG: the global RNG is one per process, so two
+    runs in two threads drew each other's numbers through it and their results differed (issue 13)."""
+    out = torch.empty(param.shape, dtype=torch.float32, device="cpu")
+    if name == "weight":
+        if isinstance(module, nn.modules.conv._ConvNd):
+            return nn.init.kaiming_normal_(out, mode="fan_out", nonlinearity="relu", generator=generator)
+        return nn.init.kaiming_uniform_(out, a=math.sqrt(5), generator=generator)
+    fan_in, _ = nn.init._calculate_fan_in_and_fan_out(module.weight)
+    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+    return nn.init.uniform_(out, -bound, bound, generator=generator)
 
 
 def reinitialize(model: nn.Module, groups: Dict[str, str], rates: Dict[str, float], generator: torch.Generator
                  ) -> Dict[str, Dict[str, int]]:
     """Replace each weight/bias element of the grouped layers by a fresh value with its group's probability,
-    in place. Returns per-group counts of replaced and total elements."""
+    in place, drawing every random number from ``generator``. Returns per-group counts of replaced and total
+    elements.
+
+    Frozen parameters (``requires_grad=False``) are left as they are and not counted: a defense never changes
+    a parameter the user froze. Other parameters a layer may hold besides ``weight`` and ``bias`` are kept.
+
+    Example::
+
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 30 * 30, 2))
+        >>> net[0].requires_grad_(False)  # doctest: +ELLIPSIS
+        Conv2d(...)
+        >>> c = reinitialize(net, {"0": "stem", "2": "classifier"}, {"classifier": 1.0}, torch.Generator())
+        >>> c["stem"], c["classifier"]["replaced"] == c["classifier"]["total"]
+        ({'replaced': 0, 'total': 0}, True)
+    """
     modules = dict(model.named_modules())
     counts: Dict[str, Dict[str, int]] = {g: {"replaced": 0, "total": 0} for g in GROUPS}
     full = dict(_default_rates(), **rates)
@@ -184,11 +211,12 @@ def reinitialize(model: nn.Module, groups: Dict[str, str], rates: Dict[str, floa
             m = modules[name]
             if isinstance(m, _NORMS):
                 continue
-            fresh = _fresh(m)
             p = full[group]
             for pname, param in m.named_parameters(recurse=False):
+                if pname not in ("weight", "bias") or not param.requires_grad:
+                    continue
+                new = _fresh(m, pname, param, generator).to(param.device, param.dtype)
                 keep = torch.bernoulli(torch.full(param.shape, 1.0 - p), generator=generator).to(param.device)
-                new = getattr(fresh, pname).to(param.device, param.dtype)
                 param.copy_(param * keep + new * (1 - keep))  # 1 keeps the teacher's value, 0 takes the fresh one
                 counts[group]["replaced"] += int((keep == 0).sum())
                 counts[group]["total"] += keep.numel()
@@ -207,7 +235,9 @@ def _bcu(net: nn.Module, data, cfg: BCUConfig, loop) -> dict:
     with loop.phase("reinit"):
         groups = layer_groups(net, data.x[:2], cfg.stage_map)
         counts = reinitialize(net, groups, cfg.reinit_rates, loop.generator)
-    opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    # Only the trainable parameters: a parameter the user froze is never changed (nor re-initialised above).
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=cfg.lr, momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.cosine_t_max)
     aug_gen = torch.Generator(device=data.x.device).manual_seed(int(torch.randint(0, 2**62, (1,),
                                                                                 generator=loop.generator)))
