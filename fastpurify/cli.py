@@ -9,17 +9,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
 from typing import List, Optional, Sequence
 
 from .backend import BackendUnavailableError
-from .defenses import TimeBudgetError
+from .defenses import PurificationError, TimeBudgetError
 
-# What the user gave was wrong or cannot run here: one line, no traceback.
+# What the user gave was wrong or cannot run here: one line, no traceback. PurificationError (and its
+# DivergenceError): the run ended without a usable model, and the message says what to change.
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, BackendUnavailableError,
-               TimeBudgetError)
+               TimeBudgetError, PurificationError)
+# Exit status after Ctrl-C, as a shell reports a process ended by SIGINT (128 + 2).
+EXIT_INTERRUPTED = 130
+# Classes of the data the command line loads (CIFAR-10, and the demo's synthetic set).
+NUM_CLASSES = 10
 
 # The demo's synthetic workload (fastpurify.data.synthetic_dataset): sized so that a backdoored SmallVGG
 # trains to >= 90 % ACC and >= 95 % ASR in under 2 minutes on 2 CPU cores (tests/test_train.py checks it).
@@ -156,63 +162,9 @@ def parse_sets(items: Optional[List[str]]) -> dict:
 
 
 def _cmd_purify(args) -> int:
-    import torch
+    from .cli_purify import cmd_purify  # the command and its checks: fastpurify/cli_purify.py
 
-    from . import defenses as fast_defenses
-    from .data import load_cifar10
-    from .metrics import der, evaluate
-    from .models import load_checkpoint
-    from .reference import defenses as ref_defenses
-    from .triggers import parse_trigger
-
-    name = args.defense.lower()
-    if name not in fast_defenses.DEFENSES:
-        raise ValueError(f"unknown defense {args.defense!r}; valid: {', '.join(fast_defenses.DEFENSES)}")
-    hp = parse_sets(args.set)
-    trigger = parse_trigger(args.trigger)
-    if args.clean_count is not None and args.clean_count < 1:
-        raise ValueError(f"--clean-count must be >= 1, got {args.clean_count}")
-    device = _device(args.device)
-    model = load_checkpoint(args.checkpoint, arch=args.arch).to(device)
-    x, y = load_cifar10(args.data, split="train", count=args.clean_count)
-    xt, yt = load_cifar10(args.data, split="test", count=args.eval_count)
-    fn = getattr(ref_defenses if args.reference else fast_defenses, name)
-    if args.epochs is not None:
-        hp["epochs"] = args.epochs
-    if args.time_budget is not None:
-        hp["time_budget"] = args.time_budget
-    clean = x if name == "bcu" else (x, y)  # BCU uses no labels
-
-    t0 = time.perf_counter()
-    before = evaluate(model, xt, yt, trigger=trigger, target=args.target, device=device)
-    eval_s = time.perf_counter() - t0
-    progress = not args.json and sys.stderr.isatty()
-    result = fn(model, clean, seed=args.seed, device=device, progress=progress, **hp)
-    t0 = time.perf_counter()
-    after = evaluate(result.model, xt, yt, trigger=trigger, target=args.target, device=device)
-    eval_s += time.perf_counter() - t0 + result.timings.get("eval", 0.0)
-    if args.out:
-        torch.save({"model": result.model.state_dict(), "arch": args.arch, "defense": name,
-                    "reference": bool(args.reference), "config": result.config}, args.out)
-    out = {
-        "defense": name, "path": "reference" if args.reference else fast_defenses.status()[name],
-        "arch": args.arch, "checkpoint": str(args.checkpoint), "clean_count": len(y), "eval_count": len(yt),
-        "before": {k: before.as_dict()[k] for k in ("acc", "asr", "ra")},
-        "after": {k: after.as_dict()[k] for k in ("acc", "asr", "ra")},
-        "der": der(before, after), "defense_seconds": result.timings.get("defense"), "eval_seconds": eval_s,
-        "status": result.status, "rounds": len(result.history), "schedule": result.schedule,
-        "config": result.config, "device": str(device),
-        "seed": args.seed, "out": args.out,
-    }
-    if args.json:
-        print(json.dumps(out, default=str))
-    else:
-        print(f"{name} ({out['path']}) on {os.path.basename(str(args.checkpoint))}, {len(y)} clean images, "
-              f"{len(result.history)} rounds, {out['defense_seconds']:.1f} s on {device} ({result.status})")
-        _print_eval("  before", before)
-        _print_eval("  after ", after)
-        print(f"  DER {out['der']:.2f} %   evaluation {eval_s:.1f} s" + (f"   saved to {args.out}" if args.out else ""))
-    return 0
+    return cmd_purify(args)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -271,8 +223,20 @@ def _cmd_demo(args) -> int:
         if d not in DEFENSES and d != "none":
             raise ValueError(f"--defenses: unknown defense {d!r}; valid: {', '.join(DEFENSES)} (or none)")
     names = [d for d in names if d != "none"]
-    if args.clean_count < 1:
-        raise ValueError(f"--clean-count must be >= 1, got {args.clean_count}")
+    from .cli_purify import SMALL_CLEAN_OK, check_counts, defense_config
+
+    check_counts(clean_count=args.clean_count, epochs=args.epochs)
+    if not 0 <= args.target < NUM_CLASSES:  # a label outside the data's classes trained an 11-class model (issue 13)
+        raise ValueError(f"--target {args.target}: the demo's data has {NUM_CLASSES} classes; give a label in "
+                         f"[0, {NUM_CLASSES})")
+    if not (math.isfinite(args.poison_rate) and 0 < args.poison_rate <= 1):
+        raise ValueError(f"--poison-rate must lie in (0, 1] (the share of training images poisoned), got "
+                         f"{args.poison_rate:g}")
+    for name in names:  # a clean set smaller than a defense's batch would fail only after the training
+        bs = getattr(defense_config(name, args.reference, None, DEMO_DEFENSES[name], "the demo"), "batch_size", None)
+        if bs is not None and args.clean_count < bs and name not in SMALL_CLEAN_OK:
+            raise ValueError(f"--clean-count {args.clean_count} is fewer than one batch of {name} ({bs} images in the "
+                             f"demo's settings); give --clean-count {bs} or more, or leave {name} out (--defenses)")
     device = _device(args.device)
     torch.manual_seed(args.seed)
     trigger = PatchTrigger(size=4, row=27, col=27, value=1.0)
@@ -450,7 +414,16 @@ def build_parser() -> argparse.ArgumentParser:
                                                                         "(repeatable; BAERASE: --set target=T)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="auto")
-    s.add_argument("--out", default=None, help="save the purified state dict ({'model': ...}) to this file")
+    s.add_argument("--out", default=None, help="save the purified state dict ({'model': ...}) to this file (on "
+                                               "Ctrl-C: the last completed round's; without --out: "
+                                               "purify-interrupted.pth)")
+    s.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                   help="write the run's state every N rounds (to --state, default OUT.state.pt) so that an "
+                        "interrupted run can go on with --resume")
+    s.add_argument("--state", default=None, metavar="PATH", help="the state file of --checkpoint-every (default: "
+                                                                  "every round)")
+    s.add_argument("--resume", default=None, metavar="PATH", help="continue an interrupted run from its state file "
+                                                                   "(give the same command and options again)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_cmd_purify)
 
@@ -503,6 +476,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise
         print(f"fastpurify: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outside a defense (loading, training, evaluating): nothing to save
+        if os.environ.get("FASTPURIFY_DEBUG") == "1":
+            raise
+        print("fastpurify: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

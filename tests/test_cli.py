@@ -221,3 +221,256 @@ def test_demo_runs_a_defense_and_reports_it():
 def test_demo_unknown_defense(capsys):
     err = _err(capsys, ["demo", "--defenses", "sau,fineprune"])
     assert "'fineprune'" in err and "ibau" in err
+
+
+# --------------------------------------------------------------------------------------------------------
+# Issue 13: everything checked before any work (items 8, 12), Ctrl-C and resume (item 9). These run on a tiny
+# CIFAR-format folder of random images, so they need no shared data.
+# --------------------------------------------------------------------------------------------------------
+
+
+def _fake_cifar(root, n_train=128, n_test=64):
+    """A folder that load_cifar10 reads: data_batch_1 and test_batch of random uint8 images, labels 0..9."""
+    import pickle
+
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name, n in (("data_batch_1", n_train), ("test_batch", n_test)):
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "labels": list(range(10)) * (n // 10)
+                         + list(range(n % 10))}, f)
+    return root
+
+
+@pytest.fixture
+def workload(tmp_path):
+    from fastpurify.models import SmallVGG
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "vgg.pth"
+    torch.save({"net": SmallVGG().state_dict()}, ckpt)
+    data = _fake_cifar(tmp_path / "data")
+    return {"ckpt": ckpt, "data": data, "base": ["--checkpoint", str(ckpt), "--data", str(data), "--trigger",
+                                                 "patch:size=3,row=29,col=29,value=1", "--target", "0"]}
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fail the test if the command loads a model, trains or evaluates: its checks must come first."""
+    import fastpurify.metrics
+    import fastpurify.models
+    import fastpurify.train
+
+    def forbidden(*a, **k):
+        raise AssertionError("work started before the input was checked")
+
+    for mod, fn in ((fastpurify.models, "load_checkpoint"), (fastpurify.metrics, "evaluate"),
+                    (fastpurify.train, "train_backdoored")):
+        monkeypatch.setattr(mod, fn, forbidden)
+
+
+@pytest.mark.parametrize("extra,expected", [
+    (["--out", "/nonexistent_dir/x.pth"], "'/nonexistent_dir' does not exist"),
+    (["--out", "{tmp}"], "is a directory"),
+    (["--set", "lr=abc"], "lr must be a number, got 'abc'"),
+    (["--set", "lr=-1"], "lr must be a positive number, got -1"),
+    (["--set", "tau=3"], "unknown hyper-parameter(s) ['tau']"),
+    (["--set", "epochs=3"], "--set epochs=...: use --epochs N"),
+    (["--set", "inplace=true"], "--set inplace=...: the command purifies a copy"),
+    (["--time-budget", "0"], "--time-budget must be a positive number of seconds, got 0"),
+    (["--time-budget", "-5"], "--time-budget must be a positive number of seconds, got -5"),
+    (["--time-budget", "nan"], "--time-budget must be a positive number of seconds, got nan"),
+    (["--epochs", "0"], "--epochs must be >= 1, got 0"),
+    (["--eval-count", "0"], "--eval-count must be >= 1, got 0"),
+    (["--checkpoint-every", "0", "--out", "{tmp}/x.pth"], "--checkpoint-every must be >= 1, got 0"),
+    (["--checkpoint-every", "2"], "--checkpoint-every needs a file for the run's state"),
+    (["--state", "/nonexistent_dir/s.pt"], "'/nonexistent_dir' does not exist"),
+    (["--resume", "{tmp}/missing.state.pt"], "no such file"),
+])
+def test_purify_checks_options_before_loading_anything(capsys, tmp_path, workload, no_work, extra, expected):
+    """Issue 13, item 8: a bad output path or option used to surface only after the defense (or after the 30-40 s
+    evaluation before it); now it is one line, exit 2, and nothing was loaded."""
+    extra = [e.replace("{tmp}", str(tmp_path)) for e in extra]
+    err = _err(capsys, ["purify", "sau", *workload["base"], *extra])
+    assert expected in err, err
+
+
+def test_purify_target_outside_cifar_labels(capsys, workload, no_work):
+    base = [a for a in workload["base"] if a not in ("--target", "0")]
+    err = _err(capsys, ["purify", "ibau", *base, "--target", "10"])
+    assert "--target 10" in err and "[0, 10)" in err
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc, a file system nobody can write")
+def test_purify_unwritable_out_is_found_by_a_real_write(capsys, workload, no_work):
+    """Permission bits do not stop root; a probe file beside --out does tell (nothing is written to --out)."""
+    err = _err(capsys, ["purify", "sau", *workload["base"], "--out", "/proc/fastpurify-purified.pth"])
+    assert "cannot be written" in err
+
+
+def test_out_probe_leaves_an_existing_file_alone(tmp_path):
+    from fastpurify.cli_purify import check_writable_file
+
+    f = tmp_path / "old.pth"
+    f.write_bytes(b"precious")
+    check_writable_file(f, "--out")
+    assert f.read_bytes() == b"precious" and sorted(p.name for p in tmp_path.iterdir()) == ["old.pth"]
+
+
+def test_purify_small_clean_set_fails_before_any_evaluation(capsys, monkeypatch, workload):
+    """A clean set smaller than one batch fails in the defense's own checks, before its first step and before any
+    evaluation (the command evaluates only after the defense)."""
+    import fastpurify.metrics
+
+    monkeypatch.setattr(fastpurify.metrics, "evaluate", lambda *a, **k: pytest.fail("evaluated before the check"))
+    err = _err(capsys, ["purify", "sau", *workload["base"], "--clean-count", "20"])
+    assert "fewer than one batch" in err and "batch_size=256" in err
+
+
+def test_purify_saves_the_result_and_reports_before_and_after(tmp_path, capsys, workload):
+    out_file = tmp_path / "purified.pth"
+    assert main(["purify", "bcu", *workload["base"], "--clean-count", "64", "--set", "batch_size=32", "--epochs", "1",
+                 "--out", str(out_file), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["status"] == "completed" and out["rounds"] == 1 and out["out"] == str(out_file)
+    assert 0 <= out["before"]["acc"] <= 100 and 0 <= out["after"]["acc"] <= 100
+    saved = torch.load(out_file, weights_only=True)
+    assert saved["status"] == "completed" and saved["rounds"] == 1 and saved["defense"] == "bcu"
+
+
+@pytest.mark.parametrize("extra,expected", [
+    (["--target", "10"], "--target 10: the demo's data has 10 classes; give a label in [0, 10)"),
+    (["--target", "-1"], "give a label in [0, 10)"),
+    (["--epochs", "0"], "--epochs must be >= 1, got 0"),
+    (["--clean-count", "0"], "--clean-count must be >= 1, got 0"),
+    (["--poison-rate", "0"], "--poison-rate must lie in (0, 1]"),
+    (["--poison-rate", "1.5"], "--poison-rate must lie in (0, 1]"),
+    (["--clean-count", "50", "--defenses", "sau"], "--clean-count 50 is fewer than one batch of sau (256 images"),
+])
+def test_demo_checks_options_before_training(capsys, no_work, extra, expected):
+    """Issue 13, item 12: `demo --target 10` trained an 11-class model and exited 0."""
+    err = _err(capsys, ["demo", *extra])
+    assert expected in err, err
+
+
+def test_small_clean_ok_matches_the_defenses():
+    """cli_purify.SMALL_CLEAN_OK (the demo's early check) says which defenses accept fewer clean images than one
+    batch; each defense's own check is the truth (it fails before any work, so this is cheap)."""
+    from _tiny import tiny_cnn
+
+    import fastpurify
+    from fastpurify.cli_purify import SMALL_CLEAN_OK
+    from fastpurify.defenses import DEFENSES, PurificationError
+
+    x = torch.rand(4, 3, 32, 32)
+    y = torch.arange(4)
+    for name in DEFENSES:
+        extra = {"target": 0} if name == "baerase" else {}
+        try:
+            getattr(fastpurify, name)(tiny_cnn(seed=0), x if name == "bcu" else (x, y), batch_size=8, epochs=1,
+                                      progress=False, time_budget=1e-3, **extra)
+            small_ok = True
+        except ValueError as e:
+            small_ok = "fewer than one batch" not in str(e)
+        except (fastpurify.TimeBudgetError, PurificationError):
+            small_ok = True  # it got past the data checks
+        assert small_ok == (name in SMALL_CLEAN_OK), name
+
+
+def _popen(args, cwd):
+    """The CLI in a child process that turns SIGINT into KeyboardInterrupt, as in a terminal (a shell running this
+    suite in the background may hand its children SIGINT ignored, and Python keeps an ignored SIGINT ignored)."""
+    import signal
+
+    return subprocess.Popen([sys.executable, "-m", "fastpurify", *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def test_ctrl_c_saves_the_last_round_and_resume_finishes_the_run(tmp_path, workload):
+    """Issue 13, item 9: SIGINT after the first round (seen as the state file appearing, no fixed sleep) exits 130
+    with one line, saves the last completed round's model to --out, and --resume then ends where an uninterrupted
+    run ends."""
+    import signal
+    import time
+
+    out, state = tmp_path / "purified.pth", tmp_path / "purified.pth.state.pt"
+    args = ["purify", "ibau", *workload["base"], "--clean-count", "128", "--eval-count", "20", "--set",
+            "batch_size=64", "--epochs", "4", "--seed", "3"]
+    proc = _popen([*args, "--checkpoint-every", "1", "--out", str(out)], cwd=tmp_path)
+    try:
+        while not state.exists() and proc.poll() is None:  # written atomically after each completed round
+            time.sleep(0.02)
+        assert proc.poll() is None, f"the run ended before the first round was seen: {proc.communicate()}"
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    assert lines[0].startswith("fastpurify: interrupted: saved the model after ") and str(out) in lines[0]
+    assert f"--resume {state}" in lines[0]
+    saved = torch.load(out, weights_only=True)
+    assert saved["status"] == "interrupted" and 1 <= saved["rounds"] < 4
+
+    res = _cli(*args, "--resume", str(state), "--out", str(out), "--json")
+    assert res.returncode == 0, res.stderr
+    resumed = json.loads(res.stdout.strip().splitlines()[-1])
+    assert resumed["status"] == "completed" and resumed["rounds"] == 4
+    assert resumed["schedule"]["resumed_from_round"] >= 1
+    whole = tmp_path / "whole.pth"
+    res = _cli(*args, "--out", str(whole), "--json")
+    assert res.returncode == 0, res.stderr
+    a, b = torch.load(out, weights_only=True)["model"], torch.load(whole, weights_only=True)["model"]
+    for k in b:  # the same steps in the same order: equal up to float rounding
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_ctrl_c_without_out_writes_a_named_file(tmp_path, workload):
+    import signal
+    import time
+
+    proc = _popen(["purify", "ibau", *workload["base"], "--clean-count", "128", "--set", "batch_size=64", "--epochs",
+                   "4", "--state", str(tmp_path / "run.state"), "--json"], cwd=tmp_path)
+    try:
+        while not (tmp_path / "run.state").exists() and proc.poll() is None:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    report = json.loads(stdout.strip().splitlines()[-1])
+    assert report["status"] == "interrupted" and report["out"] == "purify-interrupted.pth" and report["rounds"] >= 1
+    assert (tmp_path / "purify-interrupted.pth").is_file() and "purify-interrupted.pth" in stderr
+
+
+def test_ctrl_c_before_the_first_round_writes_nothing(capsys, monkeypatch, tmp_path, workload):
+    """An interruption with no completed round has nothing purified to save: the model as given must not be
+    written to --out as if it were the result."""
+    import fastpurify.defenses
+    from fastpurify.defenses import Interrupted, PurifyResult
+
+    def interrupted(model, clean, **kwargs):
+        raise Interrupted(PurifyResult(model=model, history=[], timings={}, status="interrupted", defense="ibau",
+                                       config={"epochs": 5}, schedule={"rounds": 0}))
+
+    monkeypatch.setattr(fastpurify.defenses, "ibau", interrupted)
+    out = tmp_path / "x.pth"
+    assert main(["purify", "ibau", *workload["base"], "--clean-count", "20", "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "before the first round of ibau completed" in err and "nothing written" in err
+    assert not out.exists()
+
+
+def test_ctrl_c_outside_a_defense_is_one_line(capsys, monkeypatch):
+    import fastpurify.train
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fastpurify.train, "train_backdoored", stop)
+    assert main(["demo", "--defenses", "none", "--epochs", "1"]) == 130
+    assert capsys.readouterr().err == "fastpurify: interrupted\n"

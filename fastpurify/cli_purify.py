@@ -1,0 +1,207 @@
+"""``fastpurify purify``, and the checks of a defense's options that the command line makes before any work.
+
+Everything that needs no model or data is checked before anything is loaded (counts, the time budget, the
+output and state files — with a real test write beside them, not only permission bits — and the defense's
+configuration, built and validated as the defense will); the defense then checks the model and data against its
+configuration before its first step, and only then is anything evaluated. Ctrl-C during the defense saves the
+model of the last completed round and exits with status 130; ``--checkpoint-every`` / ``--resume`` let a long
+run go on where it stopped.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+from .cli import EXIT_INTERRUPTED, NUM_CLASSES, _device, _print_eval, parse_sets
+from .defenses import Interrupted
+
+# Where an interrupted ``purify`` without --out saves the model of its last completed round.
+INTERRUPTED_FILE = "purify-interrupted.pth"
+# Defenses that run on fewer clean images than one batch (run_defense(..., allow_small=True) in their modules;
+# tests/test_cli.py checks this against the defenses); the others reject such a clean set.
+SMALL_CLEAN_OK = ("awm",)
+
+# Defense options that a command-line flag (or the command itself) owns: ``--set`` must not set them.
+CLI_OWNED = {
+    "epochs": "use --epochs N", "time_budget": "use --time-budget SECONDS", "seed": "use --seed N",
+    "device": "use --device", "checkpoint": "use --state PATH (or --checkpoint-every N)",
+    "checkpoint_every": "use --checkpoint-every N", "resume": "use --resume PATH",
+    "progress": "the command shows progress on a terminal", "inplace": "the command purifies a copy; --out saves it",
+    "eval_data": "the command evaluates on the CIFAR-10 test images itself (--eval-count)",
+}
+
+
+def check_writable_file(path, flag: str) -> Path:
+    """Fail before any work when ``path`` cannot be written: a directory, a missing folder, no permission, a
+    read-only file system. Nothing is written to ``path`` itself: the probe is a temporary file beside it."""
+    from .defenses._state import check_writable
+
+    path = Path(path)
+    check_writable(path, flag)
+    parent = path.parent if str(path.parent) else Path(".")
+    try:  # os.access says yes to root on a read-only folder or file system: only a real write tells
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=".fastpurify-probe-")
+        os.close(fd)
+        os.unlink(probe)
+        if path.exists():
+            with open(path, "ab"):  # append mode: opens for writing, changes nothing
+                pass
+    except OSError as e:
+        raise ValueError(f"{flag} {str(path)!r} cannot be written ({e.strerror or e})") from None
+    return path
+
+
+def defense_config(name: str, reference: bool, epochs: Optional[int], hyper: dict, source: str):
+    """The hyper-parameter dataclass the defense will build from ``hyper`` (and ``epochs``), built and validated
+    the way the defense does it, without any model or data: a bad value fails here, before any loading."""
+    from .defenses import FAST_PATHS
+    from .defenses._loop import _config
+
+    fast = FAST_PATHS[name] and not reference
+    module = importlib.import_module(f"fastpurify.{'defenses' if fast else 'reference.defenses'}.{name}")
+    try:
+        return _config(getattr(module, f"{'Fast' if fast else ''}{name.upper()}Config"), epochs, dict(hyper), name)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{e} (from {source})") from None
+
+
+def check_counts(**flags) -> None:
+    for flag, v in flags.items():
+        if v is not None and v < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {v}")
+
+
+def _check_purify(args) -> dict:
+    """Everything ``purify`` can check before loading anything: the defense, every count, the time budget, the
+    output and state files, and the defense's configuration (``--set`` and ``--epochs`` built into its
+    hyper-parameter dataclass and validated, as the defense itself will). Returns the defense's keyword arguments
+    besides the model, data, seed, device and progress."""
+    from .defenses import DEFENSES
+    from .defenses._run import COMMON_OPTIONS
+
+    name = args.defense.lower()
+    if name not in DEFENSES:
+        raise ValueError(f"unknown defense {args.defense!r}; valid: {', '.join(DEFENSES)}")
+    check_counts(clean_count=args.clean_count, eval_count=args.eval_count, epochs=args.epochs,
+                 checkpoint_every=args.checkpoint_every)
+    if not 0 <= args.target < NUM_CLASSES:
+        raise ValueError(f"--target {args.target} is not a CIFAR-10 label: expected one in [0, {NUM_CLASSES})")
+    if args.time_budget is not None and not (math.isfinite(args.time_budget) and args.time_budget > 0):
+        raise ValueError(f"--time-budget must be a positive number of seconds, got {args.time_budget:g}")
+    sets = parse_sets(args.set)
+    for k in sets:
+        if k in CLI_OWNED:
+            raise ValueError(f"--set {k}=...: {CLI_OWNED[k]}")
+    kwargs = {k: v for k, v in sets.items() if k in COMMON_OPTIONS}
+    hyper = {k: v for k, v in sets.items() if k not in COMMON_OPTIONS}
+    defense_config(name, args.reference, args.epochs, hyper, "--set/--epochs")
+    kwargs.update(hyper)
+    if args.epochs is not None:
+        kwargs["epochs"] = args.epochs
+    if args.time_budget is not None:
+        kwargs["time_budget"] = args.time_budget
+    if args.out is not None:
+        check_writable_file(args.out, "--out")
+    state = args.state
+    if state is None and args.checkpoint_every is not None:
+        if args.out is None:
+            raise ValueError("--checkpoint-every needs a file for the run's state: --state PATH, or --out FILE (the "
+                             "state then goes to FILE.state.pt)")
+        state = f"{args.out}.state.pt"
+    if state is not None:
+        kwargs.update(checkpoint=str(check_writable_file(state, "--state")),
+                      checkpoint_every=args.checkpoint_every or 1)
+    if args.resume is not None:
+        if not Path(args.resume).is_file():
+            raise FileNotFoundError(f"--resume {args.resume!r}: no such file (the --state file of an earlier run)")
+        kwargs["resume"] = args.resume
+    return kwargs
+
+
+def _save_model(path, result, args, name: str) -> None:
+    import torch
+
+    torch.save({"model": result.model.state_dict(), "arch": args.arch, "defense": name,
+                "reference": bool(args.reference), "config": result.config, "status": result.status,
+                "rounds": result.schedule.get("rounds", len(result.history))}, path)
+
+
+def _interrupted(args, name: str, result, kwargs: dict) -> int:
+    """Ctrl-C during the defense: save the model of the last completed round and say how to go on."""
+    done, asked = result.schedule.get("rounds", 0), result.config.get("epochs")
+    state = kwargs.get("checkpoint")
+    how = (f"continue it with the same command and --resume {state}" if state and Path(state).is_file() else
+           "to resume an interrupted run later, give --checkpoint-every N")
+    if done == 0:
+        msg = f"interrupted before the first round of {name} completed: nothing was purified, nothing written; {how}"
+        path = None
+    else:
+        path = args.out or INTERRUPTED_FILE
+        _save_model(path, result, args, name)
+        msg = f"interrupted: saved the model after {done} of {asked} rounds of {name} to {path}; {how}"
+    if args.json:
+        print(json.dumps({"defense": name, "status": "interrupted", "rounds": done, "requested_rounds": asked,
+                          "out": path, "state": state}))
+    print(f"fastpurify: {msg}", file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
+def cmd_purify(args) -> int:
+    from . import defenses as fast_defenses
+    from .data import load_cifar10
+    from .metrics import der, evaluate
+    from .models import load_checkpoint
+    from .reference import defenses as ref_defenses
+    from .triggers import parse_trigger
+
+    kwargs = _check_purify(args)  # every check that needs no model or data, before any loading
+    name = args.defense.lower()
+    trigger = parse_trigger(args.trigger)
+    device = _device(args.device)
+    model = load_checkpoint(args.checkpoint, arch=args.arch).to(device)
+    x, y = load_cifar10(args.data, split="train", count=args.clean_count)
+    xt, yt = load_cifar10(args.data, split="test", count=args.eval_count)
+    fn = getattr(ref_defenses if args.reference else fast_defenses, name)
+    clean = x if name == "bcu" else (x, y)  # BCU uses no labels
+
+    # The defense runs first: it checks the model and data against its configuration before any work (a clean
+    # set smaller than one batch, a backend that cannot run), so no such error waits for an evaluation. The model
+    # it was given is not modified (it works on a copy), so "before" is measured on it afterwards.
+    progress = not args.json and sys.stderr.isatty()
+    try:
+        result = fn(model, clean, seed=args.seed, device=device, progress=progress, **kwargs)
+    except Interrupted as e:
+        return _interrupted(args, name, e.result, kwargs)
+    if args.out:
+        _save_model(args.out, result, args, name)
+    t0 = time.perf_counter()
+    before = evaluate(model, xt, yt, trigger=trigger, target=args.target, device=device)
+    after = evaluate(result.model, xt, yt, trigger=trigger, target=args.target, device=device)
+    eval_s = time.perf_counter() - t0 + result.timings.get("eval", 0.0)
+    out = {
+        "defense": name, "path": "reference" if args.reference else fast_defenses.status()[name],
+        "arch": args.arch, "checkpoint": str(args.checkpoint), "clean_count": len(y), "eval_count": len(yt),
+        "before": {k: before.as_dict()[k] for k in ("acc", "asr", "ra")},
+        "after": {k: after.as_dict()[k] for k in ("acc", "asr", "ra")},
+        "der": der(before, after), "defense_seconds": result.timings.get("defense"), "eval_seconds": eval_s,
+        "status": result.status, "rounds": len(result.history), "schedule": result.schedule,
+        "config": result.config, "device": str(device), "seed": args.seed, "out": args.out,
+        "state": kwargs.get("checkpoint"),
+    }
+    if args.json:
+        print(json.dumps(out, default=str))
+    else:
+        print(f"{name} ({out['path']}) on {os.path.basename(str(args.checkpoint))}, {len(y)} clean images, "
+              f"{len(result.history)} rounds, {out['defense_seconds']:.1f} s on {device} ({result.status})")
+        _print_eval("  before", before)
+        _print_eval("  after ", after)
+        print(f"  DER {out['der']:.2f} %   evaluation {eval_s:.1f} s" + (f"   saved to {args.out}" if args.out else ""))
+    return 0
