@@ -24,9 +24,20 @@ def _fmt_time(s: float) -> str:
     return f"{s * 1e6:.1f} µs" if s < 1e-3 else (f"{s * 1e3:.2f} ms" if s < 1 else f"{s:.2f} s")
 
 
+def _where(seen: dict, key: str, fmt: str) -> str:
+    """``fmt`` filled with the value when every result file agrees, else with each value and the files it comes
+    from (the files of a folder are written at different commits: one header value would misdate the others'
+    rows)."""
+    values = seen[key]
+    if len(values) <= 1:
+        return fmt.format(next(iter(values), None))
+    return fmt.format(", ".join(f"{v} ({', '.join(sorted(files))})" for v, files in values.items()))
+
+
 def summarize_device(folder: Path) -> str:
     groups = defaultdict(list)
     env = {}
+    seen = defaultdict(lambda: defaultdict(set))  # key -> value -> result files (stems) that recorded it
     for f in sorted(folder.glob("*.json")):
         try:
             data = json.loads(f.read_text())
@@ -35,12 +46,14 @@ def summarize_device(folder: Path) -> str:
         for b in data.get("benchmarks", []) if isinstance(data, dict) else []:
             extra = b.get("extra_info", {})
             env = env or extra
+            for key in ("torch", "cuda", "triton", "threads", "commit"):
+                seen[key][str(extra.get(key))].add(f.stem)
             groups[(f.stem, b.get("group") or b["name"])].append((extra.get("provider", b["name"]), b["stats"], extra))
     if not groups:
         return ""
     lines = [f"### {env.get('device', folder.name)}", "",
-             f"torch {env.get('torch')}, CUDA {env.get('cuda')}, triton {env.get('triton')}, "
-             f"{env.get('threads')} CPU threads, commit {env.get('commit')}", "",
+             ", ".join(_where(seen, k, fmt) for k, fmt in (("torch", "torch {}"), ("cuda", "CUDA {}"), ("triton",
+                       "triton {}"), ("threads", "{} CPU threads"), ("commit", "commit {}"))), "",
              "| benchmark | provider | median | min | vs torch (eager reference) | GB/s |",
              "| --- | --- | --- | --- | --- | --- |"]
     for (_, group), rows in sorted(groups.items()):

@@ -50,6 +50,7 @@ import dataclasses
 import math
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -123,7 +124,7 @@ class Workload:
     def describe(self) -> Dict[str, Any]:
         return {"name": self.name, "arch": self.arch, "clean_count": int(self.clean[0].shape[0]),
                 "eval_count": int(self.eval_x.shape[0]), "target": self.target,
-                "trigger": getattr(self.trigger, "spec", repr(self.trigger)),
+                "trigger": portable_text(getattr(self.trigger, "spec", repr(self.trigger))),
                 "normalization": self.normalization, **self.info}
 
 
@@ -217,8 +218,41 @@ def real_workload(checkpoint: Union[str, os.PathLike], data: Union[str, os.PathL
     xt, yt = load_cifar10(data, split="test", count=n_eval)
     return Workload(name=Path(checkpoint).name, arch=arch, model_factory=lambda: copy.deepcopy(model), clean=(x, y),
                     eval_x=xt, eval_y=yt, trigger=trig, target=target, normalization=normalization,
-                    info={"source": f"{checkpoint} with CIFAR-10 from {data}", "checkpoint": str(checkpoint),
-                          "trigger_spec": trigger})
+                    info={"source": f"{portable_path(checkpoint)} with CIFAR-10 from {portable_path(data)}",
+                          "checkpoint": portable_path(checkpoint), "trigger_spec": portable_text(trigger)})
+
+
+# Recorded paths (result files, tables, ``--json`` output) are relative to the repository, so that committed
+# results do not carry the absolute paths of the machine they ran on (issue 13: /work/..., /root/...).
+REPO = Path(__file__).resolve().parents[1]
+# An absolute path inside a text: a "/" at the start or after a space, quote or one of :=,( (a trigger spec
+# "add:/x.png", an option "--out=/x"), not after another "/" (a URL), up to a space, quote or one of ,;()
+_ABSOLUTE = re.compile(r"(?<![^\s:=,(\"'`])/(?!/)[^\s,;()\"'`]+")
+
+
+def portable_path(path: Union[str, os.PathLike]) -> str:
+    """``path`` as a result records it: relative to the repository when it lies inside it or in a folder beside it
+    (``benchmarks/results/x``, ``../shared/data/ibau/badnets_8_02_ckpt.pth``); elsewhere only its last two
+    parts after ``.../``. A relative path is kept as given.
+
+    Example::
+
+        >>> portable_path(REPO.parent / "shared" / "data")
+        '../shared/data'
+    """
+    p = Path(path)
+    if not p.is_absolute():
+        return str(path)
+    rel = os.path.relpath(p, REPO)
+    if not rel.startswith(os.path.join(os.pardir, os.pardir)):
+        return Path(rel).as_posix()
+    return ".../" + "/".join(p.parts[-2:])
+
+
+def portable_text(text: str) -> str:
+    """``text`` with every absolute path in it made :func:`portable_path` (a command line, a trigger spec)."""
+    return _ABSOLUTE.sub(lambda m: portable_path(m.group(0).rstrip(".:")) + m.group(0)[len(m.group(0).rstrip(".:")):],
+                         text)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -526,7 +560,7 @@ def _command() -> str:
     prog = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
     if prog == "__main__.py":
         prog = "fastpurify"
-    return " ".join([prog, *sys.argv[1:]])
+    return " ".join([prog, *(portable_text(a) for a in sys.argv[1:])])
 
 
 def environment(device=None) -> Dict[str, Any]:

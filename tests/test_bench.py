@@ -174,3 +174,84 @@ def test_real_workload_shared_checkpoint():
     m1, m2 = wl.model_factory(), wl.model_factory()
     assert m1 is not m2 and not m1.training
     assert wl.describe()["trigger_spec"] == "patch:size=4,row=27,col=27,value=1"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Issue 13, item 16: results record no absolute path of the machine they ran on, and the benchmark tables name
+# the commits their rows come from.
+# --------------------------------------------------------------------------------------------------------
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+# An absolute path of a machine: a home, a work or temporary folder, a user's folder.
+MACHINE_PATH = r"(?<![\w.])/(?:work|root|home|tmp|Users|mnt|data|scratch)/"
+
+
+def test_portable_paths():
+    from fastpurify.bench import REPO, portable_path, portable_text
+
+    assert portable_path(REPO / "benchmarks" / "results" / "x") == "benchmarks/results/x"
+    assert portable_path(REPO.parent / "shared" / "data" / "ibau" / "a.pth") == "../shared/data/ibau/a.pth"
+    assert portable_path("relative/as/given") == "relative/as/given"
+    far = "/nowhere-near/the/repository/ckpt.pth"  # neither inside the repository nor in a folder beside it
+    assert portable_path(far) == ".../repository/ckpt.pth"
+    text = (f"end_to_end.py --data {REPO.parent}/shared/data --out={REPO}/benchmarks/results/cpu "
+            f"--trigger add:{REPO.parent}/shared/data/ibau/t.png, see https://example.org/a/b.")
+    assert portable_text(text) == ("end_to_end.py --data ../shared/data --out=benchmarks/results/cpu --trigger "
+                                   "add:../shared/data/ibau/t.png, see https://example.org/a/b.")
+
+
+def test_real_workload_and_environment_record_no_absolute_path(tmp_path, monkeypatch):
+    """The workload's description and the command line recorded in a result used to carry /work/... paths."""
+    import pickle
+    import re
+    import sys
+
+    import numpy as np
+
+    from fastpurify.bench import environment
+    from fastpurify.models import SmallVGG
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("data_batch_1", "test_batch"):
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": rng.integers(0, 256, (20, 3072), dtype=np.uint8), "labels": list(range(10)) * 2}, f)
+    ckpt = tmp_path / "ckpt.pth"
+    torch.save(SmallVGG().state_dict(), ckpt)
+    np.save(tmp_path / "pattern.npy", np.zeros((3, 32, 32), dtype=np.float32))
+    np.save(tmp_path / "mask.npy", np.zeros((32, 32), dtype=np.float32))
+    spec = f"masked:pattern={tmp_path / 'pattern.npy'},mask={tmp_path / 'mask.npy'}"
+    wl = real_workload(ckpt, tmp_path, trigger=spec, target=1, n_clean=10, n_eval=10)
+    monkeypatch.setattr(sys, "argv", ["end_to_end.py", "--data", str(tmp_path), f"--out={tmp_path}/res"])
+    recorded = json.dumps({"workload": wl.describe(), "environment": environment("cpu")})
+    assert str(tmp_path) not in recorded and not re.search(MACHINE_PATH, recorded), recorded
+    assert "ckpt.pth" in wl.describe()["checkpoint"] and "pattern.npy" in wl.describe()["trigger_spec"]
+
+
+def test_committed_results_carry_no_absolute_paths():
+    import re
+
+    bad = [f"{f.relative_to(ROOT)}: {m.group(0)}..." for f in sorted((ROOT / "benchmarks" / "results").rglob("*"))
+           if f.suffix in (".json", ".md") for m in [re.search(MACHINE_PATH + r"\S{0,40}", f.read_text())] if m]
+    assert not bad, bad
+
+
+def test_summary_names_the_commit_of_every_result_file(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("summarize", ROOT / "benchmarks" / "summarize.py")
+    summarize = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summarize)
+
+    def result(commit):
+        extra = {"provider": "torch", "device": "cpu-x", "torch": "2.13", "threads": 2, "commit": commit}
+        return {"benchmarks": [{"name": "b", "group": "g", "stats": {"median": 1.0, "min": 1.0}, "extra_info": extra}]}
+
+    (tmp_path / "pgd.json").write_text(json.dumps(result("aaaaaaa")))
+    (tmp_path / "cg.json").write_text(json.dumps(result("aaaaaaa")))
+    (tmp_path / "defenses.json").write_text(json.dumps(result("bbbbbbb")))
+    header = summarize.summarize_device(tmp_path).splitlines()[2]
+    assert "commit aaaaaaa (cg, pgd), bbbbbbb (defenses)" in header and "2 CPU threads" in header
+    (tmp_path / "defenses.json").unlink()
+    assert summarize.summarize_device(tmp_path).splitlines()[2].endswith("commit aaaaaaa")

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import backend as _backend
 from .pgd import pgd_update_
 
 _INITS = ("max", "min", "zero", "random")
@@ -196,9 +197,14 @@ class SharedPGD:
         inp = st["x_adv"].detach().requires_grad_(True)
         with self._autocast(inp.device):
             z, z0 = forward(inp)
-        loss_fn = self.loss_fn or (dual_logit_loss_fused if inp.is_cuda else dual_logit_loss_eager)
+        # The fused loss kernel is a strategy for launch-bound devices (backend.launch_bound: on CPU the eager
+        # formula keeps the reference's δ bit for bit and the row kernels gain nothing at SAU's sizes); when it
+        # runs, this attack's backend= reaches it (issue 13: it was accepted and ignored).
+        loss_fn = self.loss_fn or (dual_logit_loss_fused if _backend.launch_bound(inp.device) else
+                                   dual_logit_loss_eager)
+        kw = {"backend": self.backend} if loss_fn is dual_logit_loss_fused else {}
         loss, adv, adv0, shared = loss_fn(z.float(), z0.float(), st["y"], st["y_hat"], st["y_hat0"], self.beta1,
-                                          self.beta2)
+                                          self.beta2, **kw)
         (g_in,) = torch.autograd.grad(loss, inp)
         # ∂L/∂δ = g_in / std (std > 0 per channel): same sign as g_in, which is all the L∞/L1 steps use
         grad = g_in.float().contiguous().mul_(st["active"])  # a finished batch takes no step (sign(0) = 0)
@@ -295,12 +301,13 @@ class SharedPGD:
 
 
 def dual_logit_loss_fused(z: Tensor, z0: Tensor, y: Tensor, y_hat: Tensor, y_hat0: Tensor, beta1: float,
-                          beta2: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                          beta2: float, backend: Optional[str] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """The same objective through the fused row kernels of :func:`fastpurify.ops.dual_logit_loss` (one launch
-    per direction instead of ~30 eager ops); gradients equal the eager ones to a few ulp."""
+    per direction instead of ~30 eager ops); gradients equal the eager ones to a few ulp. ``backend``: as for
+    the op (:class:`SharedPGD` passes its own)."""
     from .dual_logit import dual_logit_loss
 
-    return dual_logit_loss(z, z0, y, y_hat, y_hat0, beta1=beta1, beta2=beta2)
+    return dual_logit_loss(z, z0, y, y_hat, y_hat0, beta1=beta1, beta2=beta2, backend=backend)
 
 
 def shared_pgd(
@@ -343,7 +350,8 @@ def shared_pgd(
     they share an architecture); ``cuda_graph=True`` captures a step into a CUDA graph (hold a
     :class:`SharedPGD` to reuse it across batches); ``loss_fn(z, z0, y, y_hat, y_hat0, beta1, beta2) ->
     (loss, adv, adv0, shared)`` replaces the loss (default: :func:`dual_logit_loss_fused` on CUDA,
-    :func:`dual_logit_loss_eager` on CPU, where the exact-equality guarantee below holds).
+    :func:`dual_logit_loss_eager` on CPU, where the exact-equality guarantee below holds). ``backend`` chooses
+    the backend of the ops the attack calls (``pgd_update_``, and ``dual_logit_loss`` when the fused loss runs).
 
     Exactness: the CPU defaults (eager loss, the two models one after the other) give the reference's δ bit
     for bit in fp32. The fused loss and the stacked models compute the same values to a few ulp, which flips
