@@ -294,6 +294,7 @@ def _cmd_bench(args) -> int:
     """``fastpurify bench``: build the workload the options name, run the comparison, print a table (or one
     JSON object with ``--json``). Raises ValueError (one line, exit 2) for bad input before any work."""
     from .bench import (
+        BENCH_SETTINGS,
         SHARED_CHECKPOINTS,
         SYNTHETIC,
         _check_arch,
@@ -337,8 +338,11 @@ def _cmd_bench(args) -> int:
         if args.n_train is not None or args.train_epochs is not None:
             raise ValueError("--n-train / --train-epochs size the synthetic workload; a --checkpoint is already "
                              "trained")
-    for d in names:  # unknown setting names fail here, before any training or loading
+    from .cli_purify import defense_config
+
+    for d in names:  # unknown setting names and bad values fail here, before any training or loading
         check_settings(d, overrides.get(d, {}))
+        defense_config(d, True, None, {**BENCH_SETTINGS[d], **overrides.get(d, {})}, "--set/--epochs/--batch-size")
 
     progress = sys.stderr.isatty()
     if args.checkpoint is not None:

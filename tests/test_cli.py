@@ -474,3 +474,12 @@ def test_ctrl_c_outside_a_defense_is_one_line(capsys, monkeypatch):
     monkeypatch.setattr(fastpurify.train, "train_backdoored", stop)
     assert main(["demo", "--defenses", "none", "--epochs", "1"]) == 130
     assert capsys.readouterr().err == "fastpurify: interrupted\n"
+
+
+@pytest.mark.parametrize("extra,expected", [
+    (["--set", "sau.lr=-1"], "lr must be a positive number, got -1"),
+    (["--set", "ibau.shuffle=maybe"], "shuffle must be True or False, got 'maybe'"),
+])
+def test_bench_checks_setting_values_before_training(capsys, no_work, extra, expected):
+    err = _err(capsys, ["bench", "--defenses", "sau", "ibau", *extra])
+    assert expected in err, err
