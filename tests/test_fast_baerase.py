@@ -53,22 +53,26 @@ def test_fast_baerase_follows_the_reference(backdoored):
     fast, ref = fastpurify.baerase(model, clean, **kw), baerase_ref(model, clean, **kw)
     assert fastpurify.defenses.status()["baerase"] == "fast path"
     assert fastpurify.baerase is fast_mod.baerase
-    # The same random draws in the same order; the sums differ in order only (measured: loss 1.4e-4 relative
-    # after 2 rounds, the class score equal; one of 144 images flips differently in the last recovery epoch).
-    assert fast.info["class_scores"] == ref.info["class_scores"] and fast.info["target"] == 0
+    # The same random draws in the same order; the sums differ in order only. The MI estimate is a difference of
+    # large terms whose rounding differs by ~2.5e-5 (3 % of its value) in the first recovery epoch already, and
+    # the recovery and unlearning amplify that: history measured 1.3e-3 / 8.6e-5 / 3.3e-7 relative apart for seeds
+    # 0 / 1 / 2 (the reference with one-ulp changes to G's initial weights moves by < 1e-6: the fast path's other
+    # summation order is what moves it). The class score counts images: one of the 144 may flip on another CPU.
+    assert fast.info["target"] == ref.info["target"] == 0
+    assert fast.info["class_scores"][0] == pytest.approx(ref.info["class_scores"][0], abs=1.5 / 144)
     for lf, lr in zip(fast.info["recovery"], ref.info["recovery"]):
         assert lf["epoch"] == lr["epoch"] and lf["flip_rate"] == pytest.approx(lr["flip_rate"], abs=1.5 / 144)
         assert lf["hinge"] == pytest.approx(lr["hinge"], rel=1e-3) and lf["mi"] == pytest.approx(lr["mi"], abs=1e-3)
     assert len(fast.history) == len(ref.history) == 2
     for hf, hr in zip(fast.history, ref.history):
         for key in ("loss", "clean_ce", "patch_ce", "patch_flip_rate"):
-            assert abs(hf[key] - hr[key]) <= 1e-3 * max(1.0, abs(hr[key])), (key, hf[key], hr[key])
-    # the weights: measured max |fast − ref| 3.4e-4 against a max movement of 2.4e-2 from the backdoored weights
+            assert abs(hf[key] - hr[key]) <= 1e-2 * max(1.0, abs(hr[key])), (key, hf[key], hr[key])
+    # the weights: measured max |fast − ref| 3.6e-4 against a max movement of 2.1e-2 from the backdoored weights
     with torch.no_grad():
         apart = max(float((a - b).abs().max()) for a, b in zip(fast.model.parameters(), ref.model.parameters()))
         moved = max(float((b - p0).abs().max()) for b, p0 in zip(ref.model.parameters(), model.parameters()))
     assert apart < 0.05 * moved, (apart, moved)
-    # The outcome: measured ASR 91 -> 0.0 % (both), ACC 94 -> 85.3 % (both).
+    # The outcome: measured ASR 92.8 -> 3.7 % (both), ACC 94.3 -> 84.7 / 84.8 %.
     af, ar = _eval(fast.model, test), _eval(ref.model, test)
     assert before.asr > 80 and af.asr < before.asr - 40 and af.acc > 70, (before, af)
     assert abs(af.asr - ar.asr) <= 5 and abs(af.acc - ar.acc) <= 3, (af, ar)

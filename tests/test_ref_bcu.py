@@ -84,14 +84,15 @@ def test_bcu_is_deterministic_and_ignores_labels(backdoored):
                                                          r3.model.state_dict().values()))
 
 
-@pytest.mark.parametrize("kw,match", [
-    ({"reinit_rates": {"stage5": 0.1}}, r"unknown group\(s\) \['stage5'\]; valid groups: stem, stage1"),
-    ({"reinit_rates": {"stage4": 1.5}}, r"reinit_rates\['stage4'\] must be a probability in \[0, 1\], got 1.5"),
-    ({"stage_map": {"layer1": "middle"}}, r"unknown group\(s\) \{'layer1': 'middle'\}"),
-    ({"lr": 0}, r"lr must be a positive number, got 0"),
-    ({"epochs": 2.5}, r"epochs must be a positive integer, got 2.5"),
+@pytest.mark.parametrize("kw,error,match", [
+    ({"reinit_rates": {"stage5": 0.1}}, ValueError, r"unknown group\(s\) \['stage5'\]; valid groups: stem, stage1"),
+    ({"reinit_rates": {"stage4": 1.5}}, ValueError,
+     r"reinit_rates\['stage4'\] must be a probability in \[0, 1\], got 1.5"),
+    ({"stage_map": {"layer1": "middle"}}, ValueError, r"unknown group\(s\) \{'layer1': 'middle'\}"),
+    ({"lr": 0}, ValueError, r"lr must be a positive number, got 0"),
+    ({"epochs": 2.5}, TypeError, r"epochs must be an integer, got 2.5"),  # a wrong type
 ])
-def test_bcu_validates(kw, match):
-    with pytest.raises(ValueError, match=match):
+def test_bcu_validates(kw, error, match):
+    with pytest.raises(error, match=match):
         bcu(SmallVGG(), torch.rand(8, 3, 32, 32), progress=False, batch_size=4, **kw)
     assert BCUConfig().reinit_rates["stage4"] == 0.27
