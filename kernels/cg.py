@@ -116,3 +116,27 @@ def cg_direction_triton(p, r, rr, rr_new, status, tol2):
         n = pi.numel() // nsys
         if n:
             _cg_direction_kernel[(triton.cdiv(n, _BLOCK), nsys)](pi, ri, rr, rr_new, status, n, tol2, BLOCK=_BLOCK)
+
+
+def aot_cases(full: bool = False):
+    """Launches to compile ahead of time (``fastpurify/kernels/aot.py``): one CG iteration (step, then direction)
+    in every registered dtype on a flat trigger-space system (3,072 unknowns; R = 1 and R = 4 systems) and on a
+    list of parameter-shaped tensors (SmallVGG-sized pieces of one vector)."""
+    import torch
+
+    from .aot import meta, triton_dtypes
+
+    def case(dtype, shapes, r):
+        vecs = [meta((r,) + s, dtype) for s in shapes]
+        rr, st = meta((r,), dtype), meta((r,), torch.int32)
+
+        def run():
+            cg_step_triton(vecs, vecs, vecs, vecs, rr, rr, rr, st, st, 1e-12)
+            cg_direction_triton(vecs, vecs, rr, rr, st, 1e-12)
+
+        return run
+
+    for dtype in triton_dtypes("cg_step"):
+        for r in (1, 4):
+            yield f"{str(dtype)[6:]}-trigger-R{r}", case(dtype, [(3, 32, 32)], r)
+        yield f"{str(dtype)[6:]}-params", case(dtype, [(64, 3, 3, 3), (64,), (128, 64, 3, 3), (10, 512)], 1)

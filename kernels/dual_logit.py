@@ -16,7 +16,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-_FLOOR = 1e-8  # SAU floors both softmaxes at 1e-8 before the logarithms
+# SAU floors both softmaxes at 1e-8 before the logarithms. A constexpr: the GPU compiler rejects any other
+# global in a kernel (a plain float passed the interpreter and failed every sm_80/sm_90 compile).
+_FLOOR = tl.constexpr(1e-8)
+# One fixed block for the row sum, whatever the batch: min(1024, next_power_of_2(B)) compiled one binary per
+# power of two of the batch size (a ragged last batch paid a JIT compile) for a single-program kernel.
 _SUM_BLOCK = 1024
 
 
@@ -100,9 +104,6 @@ def _dual_logit_loss_backward_kernel(z_ptr, z0_ptr, y_ptr, a_ptr, a0_ptr, s_ptr,
     cs = (g * tl.cast(beta2, ACC)) / n
     bad = tl.where((y >= 0) & (y < C), 0.0, float("nan"))
     onehot = tl.where(cols == y, 1.0, 0.0)
-    # CE: dCE/dz = p − onehot(y).
-    dz = tl.where(a, 0.0, ca * (p - onehot + bad))
-    dz0 = tl.where(a0, 0.0, ca * (p0 - onehot + bad))
     # JS: dJS/dp_j = 0.5·(log q_j − log m_j) where the 1e-8 floor did not act, then the softmax backward
     # p_j·(u_j − Σ_k p_k u_k).
     q = tl.maximum(p, _FLOOR)
@@ -112,9 +113,11 @@ def _dual_logit_loss_backward_kernel(z_ptr, z0_ptr, y_ptr, a_ptr, a0_ptr, s_ptr,
     u0 = tl.where(mask & (p0 >= _FLOOR), 0.5 * (tl.log(q0) - lm), 0.0)
     dot = tl.sum(p * u, axis=0)
     dot0 = tl.sum(p0 * u0, axis=0)
-    dz += tl.where(s, 0.0, cs * (p * (u - dot)))
-    dz0 += tl.where(s, 0.0, cs * (p0 * (u0 - dot0)))
+    # CE: dCE/dz = p − onehot(y). Each gradient is stored as soon as it is complete: holding dz and dz0 together
+    # spilled 4 bytes on sm_80 at 1,000 classes (benchmarks/results/aot/).
+    dz = tl.where(a, 0.0, ca * (p - onehot + bad)) + tl.where(s, 0.0, cs * (p * (u - dot)))
     tl.store(dz_ptr + row * C + cols, dz.to(dz_ptr.dtype.element_ty), mask=mask)
+    dz0 = tl.where(a0, 0.0, ca * (p0 - onehot + bad)) + tl.where(s, 0.0, cs * (p0 * (u0 - dot0)))
     tl.store(dz0_ptr + row * C + cols, dz0.to(dz0_ptr.dtype.element_ty), mask=mask)
 
 
@@ -133,7 +136,7 @@ def dual_logit_loss_triton(z, z0, y, yhat, yhat0, beta1, beta2):
     _dual_logit_loss_kernel[(b,)](z, z0, y, yhat, yhat0, masks[0], masks[1], masks[2], terms, c, ACC=tl_acc,
                                   BLOCK_C=triton.next_power_of_2(c))
     _dual_logit_sum_kernel[(1,)](terms, loss, b, nf=float(b), beta1=beta1, beta2=beta2, ACC=tl_acc,
-                                 BLOCK=min(_SUM_BLOCK, triton.next_power_of_2(b)))
+                                 BLOCK=_SUM_BLOCK)
     a, a0, s = (m.view(torch.bool) for m in masks)
     return loss, a, a0, s
 
@@ -149,3 +152,26 @@ def dual_logit_loss_backward_triton(z, z0, y, a, a0, s, gout, beta1, beta2):
                                            ACC=tl.float64 if z.dtype == torch.float64 else tl.float32,
                                            BLOCK_C=triton.next_power_of_2(c))
     return dz, dz0
+
+
+def aot_cases(full: bool = False):
+    """Launches to compile ahead of time (``fastpurify/kernels/aot.py``): forward and backward for every registered
+    logits dtype at 10 classes (CIFAR-10), and the smallest and largest row blocks in use, 2 and 1000 (ImageNet)
+    classes, in fp32 (with ``full``: also 43 (GTSRB), 100 and 200 (Tiny-ImageNet), in every dtype); batch 128."""
+    import torch
+
+    from .aot import meta, triton_dtypes
+
+    def case(dtype, c, b=128):
+        z, y, m = meta((b, c), dtype), meta((b,), torch.int64), meta((b,), torch.bool)
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+
+        def run():
+            dual_logit_loss_triton(z, z, y, y, y, 1.0, 1.0)
+            dual_logit_loss_backward_triton(z, z, y, m, m, m, meta((), acc), 1.0, 1.0)
+
+        return run
+
+    for dtype in triton_dtypes("dual_logit_loss"):
+        for c in (2, 10, 43, 100, 200, 1000) if full else (2, 10, 1000) if dtype == torch.float32 else (10,):
+            yield f"{str(dtype)[6:]}-C{c}", case(dtype, c)

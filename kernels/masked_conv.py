@@ -25,7 +25,13 @@ import torch
 import triton
 import triton.language as tl
 
-_BM, _BN, _BK = 32, 32, 32  # tile sizes; the dot needs >= 16 in every dimension
+# Tile sizes (BM, BN, BK) by dtype (the dot needs >= 16 in every dimension), chosen from the ahead-of-time compile
+# for sm_90 (benchmarks/results/aot/; no GPU has timed them). fp32 runs on FMA (input_precision="ieee": no TF32):
+# at 32x32x32 the forward took 255 registers and spilled 24 bytes, at 32x32x16 it takes 128 (dx 201 -> 128) and
+# spills nothing. bf16/fp16: BM = 64 lets Triton emit Hopper's wgmma (at BM = 32 it falls back to mma.sync);
+# 64x64x32 takes 96/168/80 registers (forward/dx/dw), no spills. fp64 (DMMA) keeps the fp32 tiles.
+_TILES = {torch.float32: (32, 32, 16), torch.float64: (32, 32, 16), torch.float16: (64, 64, 32),
+          torch.bfloat16: (64, 64, 32)}
 _BLOCK = 1024
 _TL = {torch.float32: tl.float32, torch.float64: tl.float64, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -48,10 +54,12 @@ def _weff_tile(w_ptr, m_ptr, offs, ok, LOWP: tl.constexpr, UPCAST: tl.constexpr)
 def _dot(a, b, acc, UPCAST: tl.constexpr):
     """acc + a @ b with fp32/fp64 accumulation; exact fp32 products (no TF32: the references run without it).
     UPCAST: Triton 3.9's interpreter multiplies the raw bits of bf16/fp16 operands in its dot, so under it the
-    low-precision tiles are widened first (exact: bf16/fp16 values are fp32 values)."""
+    low-precision tiles are widened first (exact: bf16/fp16 values are fp32 values).
+    ``out_dtype=acc.dtype``: Triton 3.7 (torch 2.13's CUDA pin) types the product fp32 without it and then fails
+    to add it to an fp64 accumulator (every fp64 variant failed to compile for sm_80/sm_90)."""
     if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc, input_precision="ieee")
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee", out_dtype=acc.dtype)
+    return tl.dot(a, b, acc, input_precision="ieee", out_dtype=acc.dtype)
 
 
 @triton.jit
@@ -199,12 +207,13 @@ def masked_conv2d_triton(x, weight, mask, bias, stride, padding, dilation, group
     """Forward launcher (contract: ``fastpurify/ops/masked_conv.py``); returns (N, C_out, OH, OW) in x's layout."""
     n, h, w, oh, ow, kh, kw, cig, ocg = _geometry(x, weight, stride, padding, dilation, groups)
     out = _empty_like_layout(x, (n, weight.shape[0], oh, ow))
-    grid = (triton.cdiv(n * oh * ow, _BM), triton.cdiv(ocg, _BN), groups)
+    bm, bn, bk = _TILES[x.dtype]
+    grid = (triton.cdiv(n * oh * ow, bm), triton.cdiv(ocg, bn), groups)
     _masked_conv2d_kernel[grid](
         x, weight, mask, bias if bias is not None else weight, out, n, h, w, oh, ow, kh, kw, cig, ocg,
         *x.stride(), *out.stride(), *_conv_args(stride, padding, dilation),
         HAS_BIAS=bias is not None, LOWP=x.dtype in (torch.float16, torch.bfloat16), FP64=x.dtype == torch.float64,
-        UPCAST=_upcast(x), BM=_BM, BN=_BN, BK=_BK)
+        UPCAST=_upcast(x), BM=bm, BN=bn, BK=bk)
     return out
 
 
@@ -214,21 +223,22 @@ def masked_conv2d_backward_triton(gout, x, weight, mask, stride, padding, dilati
     n, h, w, oh, ow, kh, kw, cig, ocg = _geometry(x, weight, stride, padding, dilation, groups)
     conv = _conv_args(stride, padding, dilation)
     fp64 = x.dtype == torch.float64
+    bm, bn, bk = _TILES[x.dtype]
     gx = gm = gw = gb = None
     if need_x:
         gx = _empty_like_layout(x, x.shape)
-        grid = (triton.cdiv(n * h * w, _BM), triton.cdiv(cig, _BN), groups)
+        grid = (triton.cdiv(n * h * w, bm), triton.cdiv(cig, bn), groups)
         _masked_conv2d_dx_kernel[grid](gout, weight, mask, gx, n, h, w, oh, ow, kh, kw, cig, ocg, *gout.stride(),
                                        *gx.stride(), *conv, LOWP=x.dtype in (torch.float16, torch.bfloat16),
-                                       FP64=fp64, UPCAST=_upcast(x), BM=_BM, BN=_BN, BK=_BK)
+                                       FP64=fp64, UPCAST=_upcast(x), BM=bm, BN=bn, BK=bk)
     if need_mask or need_weight:
         gm = torch.empty_like(weight) if need_mask else None
         gw = torch.empty_like(weight) if need_weight else None
-        grid = (triton.cdiv(ocg, _BM), triton.cdiv(cig * kh * kw, _BN), groups)
+        grid = (triton.cdiv(ocg, bm), triton.cdiv(cig * kh * kw, bn), groups)
         _masked_conv2d_dw_kernel[grid](gout, x, weight, mask, gm if gm is not None else weight,
                                        gw if gw is not None else weight, n, h, w, oh, ow, kh, kw, cig, ocg,
                                        *gout.stride(), *x.stride(), *conv, NEED_MASK=need_mask,
-                                       NEED_WEIGHT=need_weight, FP64=fp64, UPCAST=_upcast(x), BM=_BM, BN=_BN, BK=_BK)
+                                       NEED_WEIGHT=need_weight, FP64=fp64, UPCAST=_upcast(x), BM=bm, BN=bn, BK=bk)
     if need_bias:
         gb = gout.sum(dim=(0, 2, 3), dtype=torch.float64 if fp64 else torch.float32).to(gout.dtype)
     return gx, gm, gw, gb
@@ -339,3 +349,49 @@ def masked_adam_clamp_triton_(masks, grads, exp_avgs, exp_avg_sqs, lr, beta1, be
         _ptrs(masks, dev), _ptrs(grads, dev), _ptrs(exp_avgs, dev), _ptrs(exp_avg_sqs, dev), owner, first, numel,
         1.0 - beta1, beta2, 1.0 - beta2, c2, eps, -(lr / bc1), l1, DT=_TL[masks[0].dtype], HAS_L1=l1 != 0.0,
         BLOCK=_BLOCK)
+
+
+def aot_cases(full: bool = False):
+    """Launches to compile ahead of time (``fastpurify/kernels/aot.py``) on PreAct-ResNet18 layers and a CIFAR
+    batch of 128: forward with and without bias, dx, dmask and dweight of a 3×3 stride-1 layer in every
+    registered dtype (NCHW), and in fp32 and bf16 channels_last, and the 1×1 stride-2 shortcut in fp32 (with
+    ``full``: also the 3→64 stem and a 3×3 stride-2 layer, both layouts, every dtype, dmask and dweight together);
+    the multi-tensor W_eff/mask-gradient product and AWM's Adam step (with and without L1) on SmallVGG-sized
+    tensors."""
+    from .aot import meta, triton_dtypes
+
+    layers = {"3x3s1": (64, 64, 3, 1, 1), "1x1s2": (64, 128, 1, 2, 0), "stem": (3, 64, 3, 1, 1),
+              "3x3s2": (64, 128, 3, 2, 1)}
+    needs = [(True, True, False, True), (False, False, True, False)] + ([(False, True, True, False)] if full else [])
+
+    def conv(dtype, layer, channels_last, n=128, hw=32):
+        cin, cout, k, s, p = layers[layer]
+        x, w = meta((n, cin, hw, hw), dtype, channels_last), meta((cout, cin, k, k), dtype)
+        oh = (hw + 2 * p - k) // s + 1
+        g = meta((n, cout, oh, oh), dtype, channels_last)
+        geo = ((s, s), (p, p), (1, 1), 1)
+
+        def run():
+            masked_conv2d_triton(x, w, w, None, *geo)
+            masked_conv2d_triton(x, w, w, meta((cout,), dtype), *geo)
+            for need in needs:
+                masked_conv2d_backward_triton(g, x, w, w, *geo, *need)
+
+        return run
+
+    for dtype in triton_dtypes("masked_conv2d"):
+        name = str(dtype)[6:]
+        for layer in layers if full else ("3x3s1",):
+            for cl in (False, True) if full or dtype in (torch.float32, torch.bfloat16) else (False,):
+                yield f"{name}-{layer}-{'channels_last' if cl else 'nchw'}", conv(dtype, layer, cl)
+    if not full:
+        yield "float32-1x1s2-nchw", conv(torch.float32, "1x1s2", False)
+    shapes = [(64, 3, 3, 3), (64,), (128, 64, 3, 3), (128,), (10, 512)]
+    for dtype in triton_dtypes("build_masked_weights"):
+        ts = [meta(s, dtype) for s in shapes]
+        yield f"{str(dtype)[6:]}-multi-mul", lambda ts=ts: build_masked_weights_triton_(ts, ts, ts)
+    for dtype in triton_dtypes("masked_adam_clamp"):
+        for l1 in (0.0, 1e-4):
+            ts = [meta(s, dtype) for s in shapes]
+            yield (f"{str(dtype)[6:]}-adam-l1{l1 > 0:d}",
+                   lambda ts=ts, l1=l1: masked_adam_clamp_triton_(ts, ts, ts, ts, 0.1, 0.9, 0.999, 1e-8, l1, 3))

@@ -155,3 +155,35 @@ def pgd_update_triton(delta, grad, x, out_x, mean, std, step, eps, lower, upper,
         _pgd_update_kernel[(triton.cdiv(n, _BLOCK),)](*ptrs, n, nx, c, h, w, *so, **args)
     else:
         _pgd_update_sample_kernel[(m,)](*ptrs, c * h * w, nx, c, h, w, *so, L2=norm == "l2", **args)
+
+
+
+def aot_cases(full: bool = False):
+    """Launches to compile ahead of time (``fastpurify/kernels/aot.py``) on a CIFAR batch: every registered dtype
+    × norm with none and all of (x, box, out_x, normalization), so every option value meets every dtype and path
+    (the seven valid combinations with ``full``); out_x in bf16 channels_last (a model under autocast) for an
+    (R, B, C, H, W) δ."""
+    import torch
+
+    from fastpurify.ops.pgd import _out_strides
+
+    from .aot import meta, triton_dtypes
+
+    def case(dtype, norm, has_x, box, out, normz, shape=(128, 3, 32, 32), out_dtype=None, channels_last=False):
+        delta = meta(shape, dtype)
+        x = meta(shape[-4:], dtype) if has_x else None
+        out_x = meta(shape, out_dtype or dtype, channels_last) if out else None
+        mean = meta((shape[-3],)) if normz else None
+        return lambda: pgd_update_triton(delta, meta(shape, dtype), x, out_x, mean, mean, 2 / 255, 8 / 255,
+                                         0.0 if box else None, 1.0 if box else None, False, norm,
+                                         _out_strides(out_x) if out else None)
+
+    flags = [(False, False, False, False), (True, False, False, False), (True, True, False, False),
+             (True, False, True, False), (True, True, True, False), (True, False, True, True), (True, True, True, True)]
+    for dtype in triton_dtypes("pgd_update"):
+        for norm in ("linf", "l2", "l1"):
+            for f in flags if full else (flags[0], flags[-1]):
+                yield f"{str(dtype)[6:]}-{norm}-x{f[0]:d}box{f[1]:d}out{f[2]:d}norm{f[3]:d}", case(dtype, norm, *f)
+    for norm in ("linf", "l2"):
+        yield f"float32-{norm}-RB-out-bf16-channels_last", case(torch.float32, norm, True, True, True, True,
+                                                                 (4, 128, 3, 32, 32), torch.bfloat16, True)

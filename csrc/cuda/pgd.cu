@@ -22,11 +22,10 @@ namespace {
 template <typename T> struct Acc { using type = float; };
 template <> struct Acc<double> { using type = double; };
 
-template <typename A, typename T> __device__ __forceinline__ A load(const T* p, int64_t i) { return static_cast<A>(p[i]); }
-template <> __device__ __forceinline__ float load<float, __half>(const __half* p, int64_t i) { return __half2float(p[i]); }
-template <> __device__ __forceinline__ float load<float, __nv_bfloat16>(const __nv_bfloat16* p, int64_t i) {
-  return __bfloat162float(p[i]);
-}
+template <typename A, typename T> __device__ __forceinline__ A widen(T v) { return static_cast<A>(v); }
+template <> __device__ __forceinline__ float widen<float, __half>(__half v) { return __half2float(v); }
+template <> __device__ __forceinline__ float widen<float, __nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename A, typename T> __device__ __forceinline__ A load(const T* p, int64_t i) { return widen<A>(p[i]); }
 
 template <typename T, typename A> __device__ __forceinline__ T cast_to(A v) { return static_cast<T>(v); }
 template <> __device__ __forceinline__ __half cast_to<__half, float>(float v) { return __float2half_rn(v); }
@@ -74,7 +73,9 @@ __device__ __forceinline__ void finish(const Params<T, O>& p, int64_t i, typenam
   p.d[i] = stored;
   if (p.out != nullptr) {
     const int64_t ww = i % p.w, hh = (i / p.w) % p.h, cc = (i / (p.w * p.h)) % p.c, mm = i / (p.w * p.h * p.c);
-    A v = xi + load<A>(&stored, 0);
+    // widen the stored value, not load(&stored): taking its address put it on the stack (8-byte frame, 4-byte
+    // spill in the fp32 L1 sample kernels, nvcc 13.0 sm_90 -O3).
+    A v = xi + widen<A>(stored);
     if (p.mean != nullptr) v = (v - static_cast<A>(p.mean[cc])) / static_cast<A>(p.std[cc]);
     p.out[mm * p.so[0] + cc * p.so[1] + hh * p.so[2] + ww * p.so[3]] = cast_to<O>(v);
   }
@@ -133,6 +134,9 @@ __global__ void __launch_bounds__(kSampleThreads) _pgd_update_sample_kernel(Para
   if (L2) norm = sqrt(norm);
   A factor = p.eps / norm;
   factor = factor > A(1) ? A(1) : factor;  // min(1, eps/norm), keeping a NaN norm NaN
+  // Not unrolled: unrolled, the int64 index arithmetic of finish() made ptxas spill 4 bytes (8-byte stack frame)
+  // in the fp32 L1 variants (nvcc 13.0, sm_90, -O3); at 40 registers the SM runs enough warps to hide the loads.
+#pragma unroll 1
   for (int64_t j = threadIdx.x; j < s; j += kSampleThreads) {
     const A g = load<A>(p.g, base + j);
     const A y = (load<A>(p.d, base + j) + (L2 ? g * scale : sign_step<A>(g, p.step))) * factor;
