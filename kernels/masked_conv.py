@@ -15,6 +15,16 @@ x, the output and ∂L/∂x are addressed through their strides (NCHW or channel
 are contiguous. Accumulation in fp32 (fp64 for fp64). The multi-tensor kernels (``_multi_mul_kernel``,
 ``_masked_adam_clamp_kernel``) walk a table of tensor addresses: one launch for every layer.
 Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``.
+
+Not the default anywhere when the CUDA extension is built: :class:`fastpurify.masked.MaskedModel`'s default
+("multi") path builds every W_eff in one launch and runs cuDNN's convolutions, and ``backend="auto"`` picks the
+cuda backend (the fused mask around cuDNN) before triton. These convolutions run when asked for
+(``backend="triton"``, ``MaskedModel(path="layer")``) or, as auto, on a CUDA machine without the extension. Why:
+no GPU has timed them against cuDNN yet (specs/kernels.md: a Triton conv slower than cuDNN is not the default),
+and fp32 must multiply exactly (``input_precision="ieee"``, the references run without TF32), so it runs on FMA
+units, at up to 187 registers per thread with the tiles below (255 and a 24-byte spill before them); bf16 and
+fp16 run on Hopper's wgmma (mma.sync on sm_80). Registers, spills and instructions of every variant:
+``benchmarks/results/aot/`` (``python benchmarks/aot_resources.py``).
 """
 
 from __future__ import annotations
@@ -25,13 +35,17 @@ import torch
 import triton
 import triton.language as tl
 
-# Tile sizes (BM, BN, BK) by dtype (the dot needs >= 16 in every dimension), chosen from the ahead-of-time compile
-# for sm_90 (benchmarks/results/aot/; no GPU has timed them). fp32 runs on FMA (input_precision="ieee": no TF32):
-# at 32x32x32 the forward took 255 registers and spilled 24 bytes, at 32x32x16 it takes 128 (dx 201 -> 128) and
-# spills nothing. bf16/fp16: BM = 64 lets Triton emit Hopper's wgmma (at BM = 32 it falls back to mma.sync);
-# 64x64x32 takes 96/168/80 registers (forward/dx/dw), no spills. fp64 (DMMA) keeps the fp32 tiles.
+# Tile sizes (BM, BN, BK) and launch options by dtype (the dot needs >= 16 in every dimension), chosen from the
+# ahead-of-time compile of every variant for sm_90 and sm_80 under triton 3.7.1 and 3.9 (benchmarks/results/aot/;
+# no GPU has timed them). fp32 runs on FMA (input_precision="ieee": no TF32): at 32x32x32 the forward took 255
+# registers and spilled 24 bytes. At 32x32x16 ptxas aims at 128 registers and then spills 8 bytes in one dx variant
+# (triton 3.9, channels_last, stride 2; 64x32x16 spilled in two), so maxnreg=255 lifts that target: no variant
+# spills, at most 187 registers (16x32x16 would need no option, at half the reuse of each loaded tile). fp64 (DMMA)
+# shares the fp32 tiles. bf16/fp16: BM = 64 lets Triton emit Hopper's wgmma (at BM = 32 it falls back to
+# mma.sync); 64x64x32 takes 96/168/80 registers (forward/dx/dw), no spills.
 _TILES = {torch.float32: (32, 32, 16), torch.float64: (32, 32, 16), torch.float16: (64, 64, 32),
           torch.bfloat16: (64, 64, 32)}
+_OPTIONS = {torch.float32: {"maxnreg": 255}, torch.float64: {"maxnreg": 255}}
 _BLOCK = 1024
 _TL = {torch.float32: tl.float32, torch.float64: tl.float64, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -213,7 +227,8 @@ def masked_conv2d_triton(x, weight, mask, bias, stride, padding, dilation, group
         x, weight, mask, bias if bias is not None else weight, out, n, h, w, oh, ow, kh, kw, cig, ocg,
         *x.stride(), *out.stride(), *_conv_args(stride, padding, dilation),
         HAS_BIAS=bias is not None, LOWP=x.dtype in (torch.float16, torch.bfloat16), FP64=x.dtype == torch.float64,
-        UPCAST=_upcast(x), BM=bm, BN=bn, BK=bk)
+        UPCAST=_upcast(x), BM=bm, BN=bn, BK=bk,
+        **_OPTIONS.get(x.dtype, {}))
     return out
 
 
@@ -230,7 +245,8 @@ def masked_conv2d_backward_triton(gout, x, weight, mask, stride, padding, dilati
         grid = (triton.cdiv(n * h * w, bm), triton.cdiv(cig, bn), groups)
         _masked_conv2d_dx_kernel[grid](gout, weight, mask, gx, n, h, w, oh, ow, kh, kw, cig, ocg, *gout.stride(),
                                        *gx.stride(), *conv, LOWP=x.dtype in (torch.float16, torch.bfloat16),
-                                       FP64=fp64, UPCAST=_upcast(x), BM=bm, BN=bn, BK=bk)
+                                       FP64=fp64, UPCAST=_upcast(x), BM=bm, BN=bn, BK=bk,
+                                       **_OPTIONS.get(x.dtype, {}))
     if need_mask or need_weight:
         gm = torch.empty_like(weight) if need_mask else None
         gw = torch.empty_like(weight) if need_weight else None
@@ -238,7 +254,8 @@ def masked_conv2d_backward_triton(gout, x, weight, mask, stride, padding, dilati
         _masked_conv2d_dw_kernel[grid](gout, x, weight, mask, gm if gm is not None else weight,
                                        gw if gw is not None else weight, n, h, w, oh, ow, kh, kw, cig, ocg,
                                        *gout.stride(), *x.stride(), *conv, NEED_MASK=need_mask,
-                                       NEED_WEIGHT=need_weight, FP64=fp64, UPCAST=_upcast(x), BM=bm, BN=bn, BK=bk)
+                                       NEED_WEIGHT=need_weight, FP64=fp64, UPCAST=_upcast(x), BM=bm, BN=bn, BK=bk,
+                                       **_OPTIONS.get(x.dtype, {}))
     if need_bias:
         gb = gout.sum(dim=(0, 2, 3), dtype=torch.float64 if fp64 else torch.float32).to(gout.dtype)
     return gx, gm, gw, gb
