@@ -2,6 +2,7 @@
 neither Triton nor the compiled extension nor a device query (DESIGN.md rules 4-6)."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,12 +21,19 @@ def test_there_are_cuda_kernels():
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed: cannot compile-check the CUDA kernels")
 @pytest.mark.parametrize("cu", CU_FILES, ids=lambda p: p.name)
 def test_cuda_kernel_compiles(cu, tmp_path):
-    # sm_90: the H100/H200 the kernels target; -Werror=all-warnings keeps the kernels warning-free.
-    cmd = ["nvcc", "-c", "-std=c++17", "-O3", "-arch=sm_90", "-Werror", "all-warnings", f"-I{ROOT / 'csrc'}",
-           str(cu), "-o", str(tmp_path / (cu.stem + ".o"))]
+    # sm_90: the H100/H200 the kernels target; -Werror=all-warnings keeps the kernels warning-free;
+    # --resource-usage (ptxas -v) shows spills: none is allowed (the fp32 L1 PGD sample kernels spilled 4 bytes).
+    cmd = ["nvcc", "-c", "-std=c++17", "-O3", "-arch=sm_90", "-Werror", "all-warnings", "--resource-usage",
+           f"-I{ROOT / 'csrc'}", str(cu), "-o", str(tmp_path / (cu.stem + ".o"))]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stdout}\n{res.stderr}"
     assert (tmp_path / (cu.stem + ".o")).stat().st_size > 0
+    log = res.stdout + res.stderr
+    assert "Compiling entry function" in log, f"no ptxas report from {' '.join(cmd)}:\n{log}"
+    spills = re.findall(r"Function properties for (\w+)\n\s*(\d+) bytes stack frame, (\d+) bytes spill stores", log)
+    bad = [f"{name}: {frame} bytes stack frame, {stores} bytes spill stores" for name, frame, stores in spills
+           if int(frame) or int(stores)]
+    assert not bad, "CUDA kernels that spill (benchmarks/results/aot/cuda-nvcc-*.md):\n" + "\n".join(bad)
 
 
 def test_import_needs_nothing_optional():
