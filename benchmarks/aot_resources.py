@@ -66,15 +66,35 @@ def _res_cells(r: dict | None) -> list:
     return [str(x["regs"]), spill, str(x["shared"]), x["mma"]]
 
 
+def _label(v: dict) -> str:
+    cons = ",".join(f"{n}={c}" for n, c in v["constexprs"].items())
+    ptrs = ",".join(f"{n}={t[1:]}" for n, t in v["signature"].items() if t.startswith("*"))
+    return f"{v['kernel'].split(':')[1]}[{cons}|{ptrs}]"
+
+
+def _compact(report: dict) -> dict:
+    """The report as saved: variants keep their pointer types, results their variant index and resources."""
+    variants = [dict(v, signature={n: t for n, t in v["signature"].items() if t.startswith("*")})
+                for v in report["variants"]]
+    for v in variants:  # the label is rebuilt from the constexprs and pointer types (_label)
+        v.pop("attrs", None)
+        v.pop("label", None)
+    results = [{k: r[k] for k in ("variant", "arch", "ok", "error", "resources")} for r in report["results"]]
+    return dict(report, variants=variants, results=results)
+
+
 def render_triton(report: dict, env: dict) -> str:
     archs = report["archs"]
+    for r in report["results"]:
+        r.setdefault("label", _label(report["variants"][r["variant"]]))
     by = {(r["variant"], r["arch"]): r for r in report["results"]}
     fails = [r for r in report["results"] if not r["ok"]]
     spills = [r for r in report["results"] if r["ok"] and (r["resources"]["stack"] or r["resources"]["local"])]
     which = "every option combination" if report["full"] else "the test suite's set"
     lines = _header(f"Triton kernels, triton {report['triton']}", env,
-                    f"{len(report['variants'])} variants ({which}) × sm_{', sm_'.join(map(str, archs))}, compiled in "
-                    f"{report['seconds']:.0f} s with {report['jobs']} processes")
+                    f"{len(report['variants'])} variants ({which}) × sm_{', sm_'.join(map(str, archs))}; this run took "
+                    f"{report['seconds']:.0f} s with {report['jobs']} processes (variants in the triton cache are not "
+                    "compiled again)")
     lines += [f"**{len(fails)} variants fail to compile; {len(spills)} have a stack frame (spill); most registers: "
               f"{max((r['resources']['regs'] for r in report['results'] if r['ok']), default=0)}.**", ""]
     for r in fails:
@@ -109,7 +129,7 @@ def run_triton(archs, jobs: int, full: bool, env: dict) -> Path:
     report = json.loads(tmp.read_text())
     tmp.unlink()
     stem = f"triton-{report['triton']}"
-    (OUT / f"{stem}.json").write_text(json.dumps({"environment": env, **report}, separators=(",", ":")))
+    (OUT / f"{stem}.json").write_text(json.dumps({"environment": env, **_compact(report)}, separators=(",", ":")))
     (OUT / f"{stem}.md").write_text(render_triton(report, env))
     return OUT / f"{stem}.md"
 
@@ -191,7 +211,14 @@ def main(argv=None) -> int:
     p.add_argument("--covering", action="store_true", help="Triton: only the test suite's variants")
     p.add_argument("--no-triton", action="store_true")
     p.add_argument("--no-cuda", action="store_true")
+    p.add_argument("--render", action="store_true", help="only rewrite the .md tables from the saved .json")
     a = p.parse_args(argv)
+    if a.render:
+        for path in sorted(OUT.glob("triton-*.json")):
+            saved = json.loads(path.read_text())
+            path.with_name(path.name.removesuffix(".json") + ".md").write_text(
+                render_triton(saved, saved["environment"]))
+        return 0
     archs = tuple(a.arch or (90, 80))
     env = dict(environment(), device="none (compile only)")
     if not a.no_triton:
