@@ -80,14 +80,7 @@ def test_options_that_reach_more_ops(name, settings, ops, recorder, one_thread):
     assert recorder["reached"] == ops
 
 
-# SAU and AWM pass no ops= to run_defense, so backend.plan does not check their ops before the first step
-# (issue 13, item 1, the lead's). Strict: once they declare them, this test passes and the mark must go.
-PLAN_PENDING = {"sau", "awm"}
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(
-    strict=True, reason="declares no ops to run_defense yet (issue 13 item 1)")) if n in PLAN_PENDING else n
-    for n in DEFENSES])
+@pytest.mark.parametrize("name", DEFENSES)
 def test_every_op_reached_was_checked_before_work(name, recorder, one_thread):
     _run_tiny(name)
     missing = recorder["reached"] - recorder["planned"]

@@ -200,7 +200,7 @@ def test_validates_inputs(backdoored):
         sau(model, data, norm="Linf")
     with pytest.raises(ValueError, match=r"pgd_init='uniform'.*'random'"):
         sau(model, data, pgd_init="uniform")
-    with pytest.raises(ValueError, match="pgd_steps"):
+    with pytest.raises(TypeError, match="pgd_steps must be an integer"):
         sau(model, data, pgd_steps=2.5)
     with pytest.raises(ValueError, match="betas"):
         sau(model, data, betas=(0.9, 1.5))

@@ -195,8 +195,8 @@ def test_non_finite_buffers_at_the_end_are_a_divergence():
     assert _same(before, _state(m))
 
 
-def test_baerase_with_one_image_per_batch_reports_no_update(xy):
-    with pytest.raises((PurificationError, ValueError), match=r"baerase"):
+def test_baerase_with_one_image_per_batch_is_refused_before_any_work(xy):
+    with pytest.raises(ValueError, match=r"batch_size must be at least 2 for BAERASE"):
         fastpurify.baerase(tiny_cnn(16, seed=0), xy, progress=False, **dict(SHORT["baerase"], batch_size=1))
 
 
@@ -349,6 +349,36 @@ def test_interrupt_returns_the_last_completed_round_and_resume_matches(fn, xy, t
     resumed = fn(tiny_cnn(16, seed=0), (x, y), resume=ckpt, **kw)
     assert resumed.schedule["resumed_from_round"] == 1 and len(resumed.history) == 3
     assert _same(_state(resumed.model), _state(full.model))
+
+
+@pytest.mark.parametrize("name,path", [(n, p) for n in DEFENSES for p in ("fast", "reference")])
+def test_every_defense_resumes_to_the_uninterrupted_result(name, path, xy, tmp_path):
+    from fastpurify.reference import defenses as ref
+
+    fn = getattr(fastpurify if path == "fast" else ref, name)
+    x, y = xy
+    data = x if name == "bcu" else (x, y)
+    kw = dict(SHORT[name], epochs=3, progress=False, seed=4)
+    if name == "baerase":
+        kw["stop_rate"] = None  # three whole rounds
+    full = fn(tiny_cnn(16, seed=0), data, **kw)
+    ckpt = tmp_path / "s.pt"
+    with pytest.raises(Interrupted) as info:
+        fn(tiny_cnn(16, seed=0), data, checkpoint=ckpt, eval_data=(x, y, InterruptAt(3), 0), **kw)
+    assert info.value.result.schedule["rounds"] == 1
+    resumed = fn(tiny_cnn(16, seed=0), data, resume=ckpt, **kw)
+    assert len(resumed.history) == 3 and _same(_state(resumed.model), _state(full.model)), name
+    skip = {"seconds", "acc", "asr", "ra"}  # the interrupted run's round 1 was also evaluated
+    for a, b in zip(resumed.history, full.history):
+        assert {k: v for k, v in a.items() if k not in skip} == {k: v for k, v in b.items() if k not in skip}
+
+
+def test_awm_interrupted_returns_the_masks_folded_in(xy):
+    m = tiny_cnn(16, seed=0)
+    with pytest.raises(Interrupted) as info:
+        fastpurify.awm(m, xy, eval_data=(*xy, InterruptAt(3), 0), progress=False, **dict(SHORT["awm"], epochs=3))
+    one = fastpurify.awm(tiny_cnn(16, seed=0), xy, progress=False, **dict(SHORT["awm"], epochs=1))
+    assert _same(_state(info.value.result.model), _state(one.model))
 
 
 def test_interrupt_in_place_keeps_the_users_model(xy, tmp_path):

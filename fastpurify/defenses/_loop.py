@@ -118,6 +118,8 @@ class Loop:
         self.meta = meta or {}
         self._tracked: Dict[str, Any] = {}
         self.last_good: Optional[Dict[str, Tensor]] = None  # the model after the last completed round
+        # The state of the model as the defense would return it now (AWM folds its masks in): set by set_export
+        self._export: Optional[Callable[[], Dict[str, Tensor]]] = None
         self.completed_rounds = 0
         self._init_rms: Optional[List[float]] = None
         self.total_rounds = rounds  # may be lowered after the warm-up round when a time budget is given
@@ -436,6 +438,16 @@ class Loop:
                                 "a generator or a (get, set) pair")
             self._tracked[k] = o
 
+    def set_export(self, fn: Callable[[], Dict[str, Tensor]]) -> None:
+        """For a defense whose model, while it runs, is not yet what it returns (AWM learns masks beside the
+        weights): ``fn()`` gives the state dict of the model it would return now, keyed like the model's own.
+        What an interruption hands back after a completed round."""
+        self._export = fn
+
+    def _snapshot(self) -> Dict[str, Tensor]:
+        return _state.snapshot(self.model) if self._export is None else \
+            {k: v.detach().clone() for k, v in self._export().items()}
+
     def _params(self) -> List[Tensor]:
         return [] if self.model is None else [p for p in self.model.parameters() if p.is_floating_point()]
 
@@ -444,18 +456,18 @@ class Loop:
         checkpoint holds, and the round to continue from."""
         if self.model is not None:
             self._init_rms = _state.rms(self._params())
-            self.last_good = _state.snapshot(self.model)
         st = self._resume_state
         if st is None:
             return 0
-        self.model.load_state_dict(st["model"])
+        self.model.load_state_dict(st["net"])
         _state.load_tracked(self._tracked, st["tracked"], self.name)
         self.generator.set_state(st["generator"])
         _state.set_rng_states(st["rng"], self.device)
         self.history = list(st["history"])
         self._init_rms = list(st["init_rms"])
         self._updated = bool(st["updated"])
-        self.last_good = _state.snapshot(self.model)
+        self.schedule.update(st["schedule"])
+        self.last_good = self._snapshot()
         self.completed_rounds = int(st["rounds_done"])
         self.schedule["resumed_from_round"] = self.completed_rounds
         return self.completed_rounds
@@ -479,13 +491,14 @@ class Loop:
         """A round finished whole: remember its model (what an interruption returns) and write the checkpoint."""
         self.completed_rounds = done
         if self.model is not None:
-            self.last_good = _state.snapshot(self.model)
+            self.last_good = self._snapshot()
         if self.checkpoint is not None and (done % self.checkpoint_every == 0 or done >= self.total_rounds):
             self.write_checkpoint()
 
     def write_checkpoint(self) -> None:
         state = dict(self.meta, format=_state.FORMAT, rounds_done=self.completed_rounds,
-                     model={k: v.cpu() for k, v in self.last_good.items()},
+                     net={k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+                     schedule={k: v for k, v in self.schedule.items() if k != "resumed_from_round"},
                      tracked=_state.tracked_states(self._tracked), generator=self.generator.get_state(),
                      rng=_state.rng_states(self.device), history=self.history, init_rms=self._init_rms,
                      updated=self._updated)

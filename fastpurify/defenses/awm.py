@@ -52,10 +52,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..backend import launch_bound
 from ..masked import MaskedModel
 from ..ops.masked_conv import masked_adam_clamp_
 from ..ops.universal import universal_update_
-from ..reference.defenses.awm import AWMConfig, maskable_convs
+from ..reference.defenses.awm import RECOVERY_SHARE, AWMConfig, maskable_convs
 from ._inputs import Normalize
 from ._loop import PRECISIONS, PurifyResult, check_choice, precision_autocast, run_defense
 
@@ -90,6 +91,12 @@ class MaskedAdamClamp(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """One step of every mask; ``closure`` (optional, as for torch's optimizers) recomputes the loss and its
+        gradients first, and its loss is returned."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         for group in self.param_groups:
             ps: List[Tensor] = group["params"]
             for p in ps:
@@ -105,7 +112,15 @@ class MaskedAdamClamp(torch.optim.Optimizer):
                 masked_adam_clamp_(group_ps, [torch.zeros_like(p) if p.grad is None else p.grad for p in group_ps],
                                    [s["exp_avg"] for s in st], [s["exp_avg_sq"] for s in st], lr=group["lr"],
                                    betas=group["betas"], eps=group["eps"], l1=group["l1"], step=step)
-        return None
+        return loss
+
+
+def folded_state(net: nn.Module, named: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    """``net``'s state dict with each masked conv's weight replaced by θ ⊙ m (what AWM returns)."""
+    sd = dict(net.state_dict())
+    for name, m in named.items():
+        sd[f"{name}.weight"] = sd[f"{name}.weight"] * m.detach()
+    return sd
 
 
 def _user_name(net: nn.Module, name: str) -> str:
@@ -120,7 +135,8 @@ def recover_trigger(mm: MaskedModel, data, cfg: AWMConfig, loop, steps: int) -> 
 
     Shapes: ``data.x`` (N, C, H, W) -> Δ (1, C, H, W)."""
     delta = torch.zeros((1, *data.x.shape[1:]), device=data.x.device)
-    for t, idx in enumerate(loop.batches(len(data), cfg.batch_size, replacement=True, steps=steps)):
+    t = -1
+    for t, idx in enumerate(loop.batches(len(data), cfg.batch_size, replacement=True, steps=steps, kind="recovery")):
         x = data.x[idx]
         with torch.no_grad(), precision_autocast(cfg.precision, x.device):
             pseudo = mm(x).argmax(1)
@@ -135,6 +151,8 @@ def recover_trigger(mm: MaskedModel, data, cfg: AWMConfig, loop, steps: int) -> 
         last = t == steps - 1
         universal_update_(delta, g.contiguous(), step=cfg.trigger_lr, reduction="mean",
                           norm="l1" if last else None, radius=cfg.trigger_norm if last else None)
+    if t < steps - 1:  # a time budget ended the recovery early: the rescale the last step would have fused
+        delta.mul_(torch.clamp(cfg.trigger_norm / delta.abs().sum().clamp_min(1e-12), max=1.0))
     return delta
 
 
@@ -150,12 +168,12 @@ def update_masks(mm: MaskedModel, data, cfg: AWMConfig, loop, steps: int, delta:
     Shapes: ``delta`` (1, C, H, W); ``masks`` one tensor per conv (its weight's shape)."""
     dev = data.x.device
     total, correct, seen = torch.zeros((), device=dev), torch.zeros((), device=dev), 0
-    for idx in loop.batches(len(data), cfg.batch_size, replacement=True, steps=steps):
+    for idx in loop.batches(len(data), cfg.batch_size, replacement=True, steps=steps, kind="mask"):
         x, y = data.x[idx], data.y[idx]
         n = x.shape[0]
         # eval mode: one forward of the 2B rows gives each row what its own forward would (one W_eff build)
         with precision_autocast(cfg.precision, x.device):
-            if x.is_cuda:  # one launch sequence for both batches
+            if launch_bound(x.device):  # one launch sequence for both batches
                 out_noise, out_clean = torch.split(mm(torch.cat([torch.clamp(x + delta, 0.0, 1.0), x])).float(), n)
             else:  # on CPU two forwards of B rows measured faster than one of 2B (SmallVGG, 2 threads)
                 out_noise, out_clean = mm(torch.clamp(x + delta, 0.0, 1.0)).float(), mm(x).float()
@@ -190,6 +208,11 @@ def _awm(net: nn.Module, data, cfg: FastAWMConfig, loop) -> Dict[str, Any]:
     masks = list(named.values())
     opt = MaskedAdamClamp(masks, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, l1=cfg.gamma)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=cfg.lr_decay)
+    # carried from round to round: the masks, their optimiser and its schedule (Δ is recovered anew each round)
+    loop.track(masks=(lambda: [m.detach().cpu().clone() for m in masks],
+                      lambda saved: [m.data.copy_(v) for m, v in zip(masks, saved)]),
+               optimizer=opt, scheduler=sched)
+    loop.set_export(lambda: folded_state(net, named))  # what an interruption returns: θ ⊙ m so far
     delta = torch.zeros((1, *data.x.shape[1:]), device=data.x.device)
     for r in loop.rounds():
         if r == 0 and cfg.shrink_steps:
@@ -200,7 +223,7 @@ def _awm(net: nn.Module, data, cfg: FastAWMConfig, loop) -> Dict[str, Any]:
         lr = opt.param_groups[0]["lr"]
         for m in masks:  # the recovery needs input gradients only
             m.requires_grad_(False)
-        with loop.phase("recover"):
+        with loop.phase("recover"), loop.share(RECOVERY_SHARE):
             delta = recover_trigger(mm, data, cfg, loop, steps)
         for m in masks:
             m.requires_grad_(True)
@@ -223,6 +246,10 @@ def _awm(net: nn.Module, data, cfg: FastAWMConfig, loop) -> Dict[str, Any]:
             "trigger": delta.detach().cpu()}
 
 
+#: The fastpurify ops this path calls (checked against ``backend=`` before any work).
+OPS = ("universal_update", "build_masked_weights", "mask_grads", "masked_adam_clamp")
+
+
 def awm(model: nn.Module, clean_data, **kwargs) -> PurifyResult:
     """Purify ``model`` with AWM (Adversarial Weight Masking) — the fast path.
 
@@ -242,4 +269,5 @@ def awm(model: nn.Module, clean_data, **kwargs) -> PurifyResult:
         >>> r.status, sorted(r.info["masks"])[0], type(r.model).__name__
         ('completed', 'features.0', 'SmallVGG')
     """
-    return run_defense("awm", _awm, FastAWMConfig, model, clean_data, allow_small=True, sync_checks=False, **kwargs)
+    return run_defense("awm", _awm, FastAWMConfig, model, clean_data, ops=OPS, allow_small=True, sync_checks=False,
+                       **kwargs)

@@ -31,7 +31,7 @@ What changes against the reference, and why it is the same method:
   order) and everything else once over 2B rows: the same values, gradients and running statistics as two
   forwards (measured: the same 4-round history to 1e-4, gradients to 9e-6). Layers with per-row behaviour
   (Dropout, GroupNorm, LayerNorm) are unaffected by the concatenation. On a CPU the two forwards stay: there the
-  one forward was slower (see ``ONE_FORWARD_DEVICES``);
+  one forward was slower (see ``unlearn_forward``; chosen by ``backend.launch_bound``);
 - **the L1 anchor** ``Σ|θ − θ0|`` is one ``torch._foreach_sub`` + ``torch._foreach_norm`` (skipped when its weight
   is 0); per-round statistics stay on the device and are read once per round; the finite-loss guard records
   the first bad step on the device; the only host reads are the recovery's logs and the class scores (once, at
@@ -65,7 +65,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -73,18 +72,26 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..reference.defenses.baerase import BAERASEConfig, Generator, Mine, _Linear, dv_bound, location
+from ..backend import launch_bound
+from ..reference.defenses.baerase import (
+    BAERASEConfig,
+    Generator,
+    Mine,
+    _Linear,
+    dv_bound,
+    location,
+    track_carried,
+)
 from ._loop import PRECISIONS, PurifyResult, check_choice, precision_autocast, run_defense
 
 # On CUDA the flip-rate passes run f over several batches at once, up to this many input elements per forward
 # (4,096 CIFAR images; one batch when a single batch is larger). On a CPU a bigger forward costs more per image
 # (tiny test net, 1 thread: 0.38 ms/image at 320 images, 0.72 ms at 1,600), so there it runs batch by batch.
 SCORE_ELEMENTS = 4096 * 3 * 32 * 32
-# Devices on which the unlearning step runs the clean and the stamped batch as one forward (split BatchNorm).
-# Not on a CPU: there it was slower than two forwards (1 thread, B = 128: tiny test net 104 vs 95 ms per
-# forward+backward, SmallVGG 740 vs 598 ms; the 2B-row convolutions cost more per image, and BatchNorm runs per
-# half anyway).
-ONE_FORWARD_DEVICES = ("cuda",)
+# The unlearning step runs the clean and the stamped batch as one forward (split BatchNorm) on launch-bound
+# devices only (backend.launch_bound: CUDA). Not on a CPU: there it was slower than two forwards (1 thread,
+# B = 128: tiny test net 104 vs 95 ms per forward+backward, SmallVGG 740 vs 598 ms; the 2B-row convolutions cost
+# more per image, and BatchNorm runs per half anyway).
 
 
 @dataclass
@@ -225,7 +232,7 @@ def statistics(mine: Mine, z: Tensor, p: Tensor) -> Tensor:
 def _to_device(t: Tensor, dev: torch.device) -> Tensor:
     """Random numbers drawn on the host (the loop's generator: the reference's stream on every device) to the
     device; on CUDA through pinned memory without blocking (a pageable copy would wait for the GPU each step)."""
-    if dev.type == "cuda":
+    if dev.type == "cuda":  # a transfer mechanism, not a strategy: pinned memory exists only for CUDA copies
         return t.pin_memory().to(dev, non_blocking=True)
     return t.to(dev)
 
@@ -253,7 +260,7 @@ def flip_rates(net: nn.Module, gen: Generator, data, classes: Sequence[int], cfg
     hits = torch.zeros(kk, device=dev)
     total = torch.zeros(kk, device=dev)
     per_batch = kk * cfg.batch_size * data.x[0].numel()
-    group = max(1, SCORE_ELEMENTS // per_batch) if dev.type == "cuda" else 1
+    group = max(1, SCORE_ELEMENTS // per_batch) if launch_bound(dev) else 1
     pending: List[Tuple[Tensor, Tensor]] = []
 
     def flush() -> None:
@@ -300,7 +307,7 @@ def recover(net: nn.Module, data, classes: Sequence[int], cfg: FastBAERASEConfig
     # initialised from the run's generator, as in the reference (not the process-global RNG: thread safety)
     gen = Generator(kk, cfg.noise_dim, out, cfg.hidden_size, generator=loop.generator).to(dev)
     mine = Mine(kk, cfg.noise_dim, out, cfg.hidden_size, generator=loop.generator).to(dev)
-    fused = {"fused": True} if dev.type == "cuda" else {}  # one launch per Adam step on the GPU
+    fused = {"fused": True} if launch_bound(dev) else {}  # one launch per Adam step on the GPU
     g_opt = torch.optim.Adam(gen.parameters(), lr=cfg.gen_lr, betas=tuple(cfg.gen_betas), **fused)
     m_opt = torch.optim.Adam(mine.parameters(), lr=cfg.gen_lr, betas=tuple(cfg.gen_betas), **fused)
     cls = torch.as_tensor(list(classes), device=dev)
@@ -315,7 +322,7 @@ def recover(net: nn.Module, data, classes: Sequence[int], cfg: FastBAERASEConfig
 
     planned, epoch = cfg.recovery_epochs, 0
     while epoch < planned:
-        t0 = time.perf_counter()
+        t0 = loop.clock()
         sums = torch.zeros(4, kk, device=dev)
         count = 0
         for idx in loop.batches(len(data), cfg.batch_size, shuffle=True):
@@ -359,7 +366,7 @@ def recover(net: nn.Module, data, classes: Sequence[int], cfg: FastBAERASEConfig
         stats.append(torch.cat([sums.flatten(), _to_device(torch.tensor([float(count), epoch + 1.0]), dev)]))
         if epoch == 0 and planned > 1:
             _sync(dev)
-            planned = 1 + loop.fit(planned - 1, time.perf_counter() - t0, share=0.5)
+            planned = 1 + loop.fit(planned - 1, loop.clock() - t0, share=0.5)
         epoch += 1
     loop.schedule["recovery_epochs"] = len(stats)  # the epochs that ran
     logs = []
@@ -411,9 +418,16 @@ def _baerase(net: nn.Module, data, cfg: FastBAERASEConfig, loop) -> Dict[str, An
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     info: Dict[str, Any] = {}
     stopped = False
-    one_forward = dev.type in ONE_FORWARD_DEVICES
+    one_forward = launch_bound(dev)
     gen: Optional[Generator] = None
     target = classes[0]
+    out = data.x.shape[1] * k * k
+
+    def _write(g, t, st):
+        nonlocal gen, target, stopped
+        gen, target, stopped = g, t, st
+
+    track_carried(loop, opt, cfg, out, dev, info, lambda: (gen, target, stopped), _write)
     try:
         for r in loop.rounds():
             if stopped:

@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..backend import launch_bound
 from ..reference.defenses.bcu import BCUConfig, layer_groups, reinitialize
 from ..train import augment_batch
 from ._loop import PRECISIONS, PurifyResult, check_choice, precision_autocast, run_defense
@@ -115,9 +116,11 @@ def _bcu(net: nn.Module, data, cfg: FastBCUConfig, loop) -> Dict[str, Any]:
     # Only the trainable parameters: a parameter the user froze is never changed (nor re-initialised above).
     trainable = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.SGD(trainable, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                          **({"fused": True} if dev.type == "cuda" else {"foreach": True}))
+                          **({"fused": True} if launch_bound(dev) else {"foreach": True}))
     # The reference's augmentation stream: seeded from the loop's generator right after the re-initialisation.
     aug_gen = torch.Generator(device=dev).manual_seed(int(torch.randint(0, 2**62, (1,), generator=loop.generator)))
+    # carried from round to round besides the model (the teacher is the model as given, rebuilt by the setup)
+    loop.track(optimizer=opt, augmentation=aug_gen)
 
     for e in loop.rounds():
         rounds = loop.total_rounds  # cfg.epochs, or fewer when a time budget compressed the schedule

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..backend import launch_bound
 from ..ops.attack import SharedPGD
 from ..reference.defenses.sau import SAUConfig
 from ._loop import PRECISIONS, PurifyResult, check_choice, run_defense
@@ -90,8 +91,9 @@ def _attack(net: nn.Module, ref: nn.Module, cfg: FastSAUConfig) -> SharedPGD:
 
 
 def unlearning_loss_fast(net: nn.Module, ref: nn.Module, x: Tensor, y: Tensor, delta: Tensor, y_hat0: Tensor,
-                         cfg: SAUConfig, num_classes: int):
-    """The reference's unlearning objective with masks (no host sync) and ``f0`` under ``no_grad``.
+                         cfg: SAUConfig):
+    """The reference's unlearning objective with masks (no host sync) and ``f0`` under ``no_grad`` (the
+    reference's one-hot needs the class count; ``gather``/``scatter`` here do not).
 
     Shapes: ``x``, ``delta`` (B, C, H, W), ``y``, ``y_hat0`` (B,) -> the 0-d loss and its 0-d parts."""
     n = x.shape[0]
@@ -121,8 +123,10 @@ def _sau(net: nn.Module, data, cfg: FastSAUConfig, loop) -> Dict[str, Any]:
     if cfg.channels_last:
         net.to(memory_format=torch.channels_last)
     ref = copy.deepcopy(net).eval().requires_grad_(False)  # f0: frozen, never needs a gradient
+    # fused Adam: one launch per step where launches dominate (backend.launch_bound); the default elsewhere
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
-                           amsgrad=cfg.amsgrad, **({"fused": True} if data.x.is_cuda else {}))
+                           amsgrad=cfg.amsgrad, **({"fused": True} if launch_bound(data.x.device) else {}))
+    loop.track(optimizer=opt)  # with the model, all SAU carries from round to round (f0 is the model as given)
     attack = _attack(net, ref, cfg)
     dev = data.x.device
     for _ in loop.rounds():
@@ -134,7 +138,7 @@ def _sau(net: nn.Module, data, cfg: FastSAUConfig, loop) -> Dict[str, Any]:
                 delta, info = attack(x, y, generator=loop.generator)
             with loop.phase("unlearn"):
                 for _ in range(cfg.outer_steps):
-                    loss, parts = unlearning_loss_fast(net, ref, x, y, delta, info["y_hat0"], cfg, data.num_classes)
+                    loss, parts = unlearning_loss_fast(net, ref, x, y, delta, info["y_hat0"], cfg)
                     loop.check_finite(loss)
                     loop.step(opt, loss)
                     net.eval()
@@ -155,6 +159,13 @@ def _sau(net: nn.Module, data, cfg: FastSAUConfig, loop) -> Dict[str, Any]:
     return {}
 
 
+def ops(cfg: FastSAUConfig):
+    """The fastpurify ops this path calls (checked against ``backend=`` before any work): the fused PGD update
+    (every norm but L2, whose per-sample rescale stays eager), and SAU's fused loss, which runs on launch-bound
+    devices (``backend.launch_bound``; on CPU the eager formula keeps the reference's δ bit for bit)."""
+    return (() if cfg.norm == "L2" else ("pgd_update",)) + ("dual_logit_loss",)
+
+
 def sau(model: nn.Module, clean_data, **kwargs) -> PurifyResult:
     """Purify ``model`` with SAU (Shared Adversarial Unlearning) — the fast path.
 
@@ -172,4 +183,4 @@ def sau(model: nn.Module, clean_data, **kwargs) -> PurifyResult:
         >>> r.status
         'completed'
     """
-    return run_defense("sau", _sau, FastSAUConfig, model, clean_data, sync_checks=False, **kwargs)
+    return run_defense("sau", _sau, FastSAUConfig, model, clean_data, ops=ops, sync_checks=False, **kwargs)

@@ -250,9 +250,12 @@ class SharedPGD:
         dev = x.device
         if self.cuda_graph and dev.type != "cuda":
             raise ValueError(f"shared_pgd: cuda_graph=True needs CUDA tensors; x is on {dev}")
-        early_exit = self.early_exit or ("host" if dev.type == "cpu" else "device")
-        stacked = self.stacked if self.stacked is not None else (dev.type == "cuda" and
-                                                                 _same_architecture(self.f, self.f0))
+        # Strategies for launch-bound devices (backend.launch_bound): the early exit decided on the device (no
+        # host sync per step) and both models stacked into one batched forward; on CPU a host test costs no
+        # launch, and the unstacked forwards keep the reference's δ bit for bit (tests/test_fast_sau.py).
+        bound = _backend.launch_bound(dev)
+        early_exit = self.early_exit or ("device" if bound else "host")
+        stacked = self.stacked if self.stacked is not None else (bound and _same_architecture(self.f, self.f0))
         mean = std = None
         if self.normalization is not None:
             mean, std = (torch.as_tensor(v, dtype=torch.float32, device=dev).view(1, -1, 1, 1)

@@ -17,6 +17,12 @@ Each makes one call to :mod:`fastpurify.backend` to pick cuda | triton | cpp | t
 
 with contiguous ``weight``/``mask`` (C_out, C_in/groups, KH, KW), any-layout ``x``/``gout``, (2,) int lists; the
 multi-tensor ones ``impl(a_list, b_list, out_list)`` write ``out[i] = a[i] ⊙ b[i]`` on contiguous tensors.
+
+The Triton implicit-GEMM convolution is not the default anywhere when the CUDA extension is built —
+``MaskedModel``'s default multi path runs cuDNN around the one-launch W_eff/mask-gradient kernels, and auto picks
+cuda before triton — because no GPU has timed it against cuDNN yet (compiled for sm_90: fp32 runs exact on FMA at
+up to 187 registers, bf16/fp16 on wgmma; benchmarks/results/aot/). It runs when asked for (``backend="triton"``,
+``MaskedModel(path="layer")``) or on a CUDA machine without the extension.
 """
 
 from __future__ import annotations

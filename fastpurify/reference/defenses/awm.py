@@ -212,18 +212,37 @@ def _user_names(net: nn.Module) -> Dict[nn.Module, str]:
 # --------------------------------------------------------------------------------------------------------
 
 
+# With a time budget, the first round's trigger recovery may take at most this share of the budget, so that the
+# first mask update still fits (the two phases have T steps of about the same cost).
+RECOVERY_SHARE = 1 / 3
+
+
+def folded_state(net: nn.Module, convs: List[nn.Module]) -> Dict[str, Tensor]:
+    """The state dict AWM returns now: every masked conv's weight as θ ⊙ m, without the parametrisation's own
+    entries (``parametrizations.weight.original`` / ``.mask``)."""
+    masked = {id(c) for c in convs}
+    out: Dict[str, Tensor] = {}
+    for name, m in net.named_modules():
+        if id(m) in masked and parametrize.is_parametrized(m, "weight"):
+            out[f"{name}.weight" if name else "weight"] = m.weight.detach()
+    for k, v in net.state_dict().items():
+        if ".parametrizations." not in f".{k}":
+            out[k] = v
+    return out
+
+
 def _recover(net: nn.Module, data, cfg: AWMConfig, loop, steps: int) -> Tensor:
     """Phase 1: a universal Δ by SGD ascent on CE against the model's own predictions, then the L1 rescale."""
     delta = torch.zeros((1, *data.x.shape[1:]), device=data.x.device, requires_grad=True)
     opt = torch.optim.SGD([delta], lr=cfg.trigger_lr)
-    for idx in loop.batches(len(data), cfg.batch_size, replacement=True, steps=steps):
+    for idx in loop.batches(len(data), cfg.batch_size, replacement=True, steps=steps, kind="recovery"):
         x = data.x[idx]
         pseudo = torch.argmax(net(x), dim=1).long()  # as published: a forward with a graph nobody uses
         loss = -F.cross_entropy(net(x + delta), pseudo)  # no clamp of x + Δ here, as published
         loop.check_finite(loss, "trigger-recovery loss")
         opt.zero_grad()
         loss.backward(retain_graph=True)  # as published: also fills every weight's and mask's .grad
-        loop.step(opt)
+        loop.step(opt, updates_model=False)  # Δ's step: the model is not changed (for the time budget)
     with torch.no_grad():
         return l1_rescale(delta.detach(), cfg.trigger_norm)
 
@@ -232,7 +251,7 @@ def _update_masks(net, data, cfg: AWMConfig, loop, steps: int, delta: Tensor, ma
     """Phase 2: T Adam steps on the masks against the clean and the recovered-trigger loss; returns the mean
     loss and the clean accuracy on the batches seen."""
     total, correct, seen = 0.0, 0, 0
-    for idx in loop.batches(len(data), cfg.batch_size, replacement=True, steps=steps):
+    for idx in loop.batches(len(data), cfg.batch_size, replacement=True, steps=steps, kind="mask"):
         x, y = data.x[idx], data.y[idx]
         out_noise = net(torch.clamp(x + delta, 0.0, 1.0))
         out_clean = net(x)
@@ -272,13 +291,16 @@ def _awm(net: nn.Module, data, cfg: AWMConfig, loop) -> dict:
         masks = [conv.parametrizations.weight[0].mask for conv in convs]
         opt = mask_optimizer(masks, cfg)
         sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=cfg.lr_decay)
+        # carried from round to round: the masks (in the model's state), their optimiser and its schedule
+        loop.track(optimizer=opt, scheduler=sched)
+        loop.set_export(lambda: folded_state(net, convs))  # what an interruption returns: θ ⊙ m so far
         for r in loop.rounds():
             net.eval()
             if r == 0 and cfg.shrink_steps:
                 with loop.phase("shrink", once=True):  # one-off (first round only)
                     _shrink(net, data, cfg, loop, steps, masks)
             lr = opt.param_groups[0]["lr"]
-            with loop.phase("recover"):
+            with loop.phase("recover"), loop.share(RECOVERY_SHARE):
                 delta = _recover(net, data, cfg, loop, steps)
             with loop.phase("mask"):
                 loss, acc = _update_masks(net, data, cfg, loop, steps, delta, masks, opt)

@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -102,6 +101,9 @@ class BAERASEConfig:
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "recovery_epochs", "patch_size", "noise_dim", "hidden_size"):
             check_positive(name, getattr(self, name), integer=True)
+        if self.batch_size < 2:
+            raise ValueError(f"batch_size must be at least 2 for BAERASE (its generator's BatchNorm and the unlearning "
+                             f"skip batches of one image, so nothing would be purified), got {self.batch_size}")
         if self.noise_dim % 4:
             raise ValueError(f"noise_dim must be a multiple of 4 (each generator layer reads a quarter of z), "
                              f"got {self.noise_dim!r}")
@@ -361,7 +363,7 @@ def _recover(net: nn.Module, data, classes: List[int], cfg: BAERASEConfig, loop)
             loop.schedule["recovery_epochs"] = epochs
             if epoch >= epochs:
                 break
-        t0 = time.perf_counter()
+        t0 = loop.clock()
         hinge_sum, mi_sum, hits, total, count = 0.0, 0.0, 0.0, 0.0, 0
         for idx in loop.batches(len(data), cfg.batch_size, shuffle=True):
             b = len(idx)
@@ -394,10 +396,31 @@ def _recover(net: nn.Module, data, classes: List[int], cfg: BAERASEConfig, loop)
         if count:
             logs.append({"epoch": epoch + 1, "hinge": (hinge_sum / count).tolist(), "mi": (mi_sum / count).tolist(),
                          "flip_rate": (hits / torch.clamp(torch.as_tensor(total), min=1)).tolist()})
-        t_first = time.perf_counter() - t0 if t_first is None else t_first
+        t_first = loop.clock() - t0 if t_first is None else t_first
         epoch += 1
     loop.schedule.setdefault("recovery_epochs", epoch)
     return gen, logs
+
+
+def track_carried(loop, opt, cfg: BAERASEConfig, out: int, dev: torch.device, info: dict, read, write) -> None:
+    """Register with the loop what BAERASE's first round hands to the later ones — the selected generator, the
+    target, the early-stop flag and the info — and the unlearning optimiser, so that a checkpoint can resume it.
+    ``read()`` gives ``(gen, target, stopped)``; ``write(gen, target, stopped)`` puts them back."""
+
+    def carried():
+        gen, target, stopped = read()
+        return {"gen": None if gen is None else gen.state_dict(), "target": target, "stopped": stopped, "info": info}
+
+    def restore(st):
+        gen = None
+        if st["gen"] is not None:
+            gen = Generator(1, cfg.noise_dim, out, cfg.hidden_size).to(dev)  # the selected one (K = 1)
+            gen.load_state_dict(st["gen"])
+        write(gen, st["target"], st["stopped"])
+        info.clear()
+        info.update(st["info"])
+
+    loop.track(optimizer=opt, recovered=(carried, restore))
 
 
 def _baerase(net: nn.Module, data, cfg: BAERASEConfig, loop) -> dict:
@@ -416,6 +439,15 @@ def _baerase(net: nn.Module, data, cfg: BAERASEConfig, loop) -> dict:
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     info: dict = {}
     stopped = False
+    gen: Optional[Generator] = None
+    target = classes[0]
+    out = data.x.shape[1] * k * k
+
+    def _write(g, t, st):
+        nonlocal gen, target, stopped
+        gen, target, stopped = g, t, st
+
+    track_carried(loop, opt, cfg, out, data.x.device, info, lambda: (gen, target, stopped), _write)
     try:
         for r in loop.rounds():
             if stopped:

@@ -241,6 +241,8 @@ def _bcu(net: nn.Module, data, cfg: BCUConfig, loop) -> dict:
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.cosine_t_max)
     aug_gen = torch.Generator(device=data.x.device).manual_seed(int(torch.randint(0, 2**62, (1,),
                                                                                 generator=loop.generator)))
+    # carried from round to round besides the model (the teacher is the model as given, rebuilt by the setup)
+    loop.track(optimizer=opt, scheduler=sched, augmentation=aug_gen)
     for e in loop.rounds():
         # loop.total_rounds is cfg.epochs unless a time budget compressed the schedule (then the temperature
         # ramp and the cosine run over the rounds that fit)

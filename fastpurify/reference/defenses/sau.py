@@ -280,6 +280,7 @@ def _sau(net: nn.Module, data, cfg: SAUConfig, loop) -> Dict[str, Any]:
     ref = copy.deepcopy(net).eval()
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
                            amsgrad=cfg.amsgrad)
+    loop.track(optimizer=opt)  # with the model, all SAU carries from round to round (f0 is the model as given)
     dev = data.x.device
     for _ in loop.rounds():
         sums = {k: torch.zeros((), device=dev) for k in ("loss", "clean", "sar", "poison", "shared", "pgd_steps")}
