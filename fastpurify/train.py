@@ -246,8 +246,8 @@ def train_backdoored(
     from .triggers import poison_all_to_one
 
     _check_xy(x, y)
-    if num_classes is None:
-        num_classes = max(int(y.max()) + 1, int(target) + 1 if isinstance(target, int) else 0)
+    if num_classes is None:  # from the labels alone: a target past them is an error, not an extra class
+        num_classes = int(y.max()) + 1
     x_p, y_p, idx = poison_all_to_one(x, y, trigger, target, poison_rate, seed=seed, num_classes=num_classes)
     if isinstance(arch_or_model, str):
         arch = arch_or_model

@@ -429,3 +429,24 @@ def test_checkpoint_paths_are_checked_first(xy, tmp_path):
     with pytest.raises(ValueError, match=r"is not a readable fastpurify checkpoint"):
         toy(Tiny(), _data(), resume=junk, progress=False)
 
+
+
+def test_dropout_layers_are_seeded_per_run_and_given_back_as_they_were(xy, tmp_path):
+    x, _ = xy
+
+    def model():
+        net = tiny_cnn(16, seed=0)
+        return nn.Sequential(*list(net)[:-1], nn.Dropout(0.5), list(net)[-1])
+
+    kw = dict(SHORT["bcu"], epochs=3, progress=False, seed=1)
+    full = fastpurify.bcu(model(), x, **kw)
+    drop = full.model[-2]
+    assert type(drop) is nn.Dropout and not hasattr(drop, "_fp_generator")
+    torch.manual_seed(123)  # the global RNG does not matter
+    again = fastpurify.bcu(model(), x, **kw)
+    assert _same(_state(full.model), _state(again.model))
+    ckpt = tmp_path / "s.pt"
+    with pytest.raises(Interrupted):
+        fastpurify.bcu(model(), x, checkpoint=ckpt, eval_data=(*xy, InterruptAt(3), 0), **kw)
+    resumed = fastpurify.bcu(model(), x, resume=ckpt, **kw)
+    assert _same(_state(resumed.model), _state(full.model))

@@ -9,7 +9,7 @@ operation), so two runs in two threads drew each other's numbers: BCU differed f
 The runs use one intra-op thread each (the ``one_thread`` fixture) on the tiny net of tests/_tiny.py, which has no
 dropout: the same computation in the same order, so the results are compared exactly — any difference is shared
 state, not rounding (measured: identical in every run after the fix). A model with dropout in a train-mode phase
-(BCU, BAERASE, SAU with train_mode=True) still draws dropout masks from the global RNG: see the xfail test below.
+(BCU, BAERASE, SAU with train_mode=True) draws its dropout masks from generators of the run: tested below too.
 """
 
 import copy
@@ -99,8 +99,7 @@ def test_the_result_does_not_depend_on_the_global_rng(setup, name, path, monkeyp
     _assert_same(_run(fn, model, data, KW[name]), expected, f"{path} {name} with another global seed")
 
 
-# open: dropout draws its masks from torch's global RNG, one per process (run_defense would need a per-run generator)
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="dropout masks come from the process-global RNG")
+# dropout layers draw their masks from generators of the run (fastpurify/defenses/_run.py, _SeededDropout)
 def test_a_model_with_dropout_in_two_threads(setup):
     model, data = setup
     with_dropout = torch.nn.Sequential(*list(model)[:-1], torch.nn.Dropout(0.5), list(model)[-1]).eval()

@@ -176,3 +176,10 @@ def test_synthetic_backdoor_demo_reaches_targets():
     # The time (target: under 2 minutes on 2 CPU cores) is printed here and by `fastpurify demo`, not asserted:
     # a timed unit test fails on a busy machine for reasons unrelated to the code.
     assert r.acc >= 90.0 and r.asr >= 95.0, str(r)
+
+
+def test_a_target_past_the_labels_is_an_error_not_an_extra_class():
+    # issue 13 item 12: target 10 on 10-class labels trained an 11-class model
+    x, y = synthetic_dataset(n=32, seed=0)
+    with pytest.raises(ValueError, match=r"target 10 is outside \[0, 10\)"):
+        train_backdoored("small_vgg", x, y, trigger=PatchTrigger(4, 27, 27, 1.0), target=10, epochs=1)

@@ -18,6 +18,10 @@ Policies (the README's reliability section lists them with the tests that hold t
 - **No false success**: a run that made no model update, or whose weights are no longer finite, raises
   :class:`PurificationError` / :class:`DivergenceError` instead of returning ``status="completed"``.
 - **Ctrl-C** raises :class:`Interrupted` carrying the result of the last completed round.
+- **Randomness is the run's own**: the defenses draw from the loop's generator, and the model's dropout layers
+  (``nn.Dropout``, ``Dropout1d/2d/3d``) from generators of the run, so two runs in two threads give the results
+  of two sequential runs. Randomness a model draws itself (``F.dropout`` in its ``forward``) still comes from
+  torch's global RNG, which ``run_defense`` seeds (process-wide, so not per thread).
 """
 
 from __future__ import annotations
@@ -154,12 +158,43 @@ def _structural_hook(hook: Any) -> bool:
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
+class _SeededDropout:
+    """Mixin of the run's dropout layers: the same dropout, its masks drawn from a generator of the run (seeded
+    from ``seed``) instead of torch's process-global RNG, so that two runs in two threads, or a run and its
+    resumed continuation, draw the same masks. Installed on the working model for the run only."""
+
+    _fp_generator: torch.Generator
+    _fp_channelwise: int  # 0: element-wise (nn.Dropout); d: a whole channel of a d-dimensional map (DropoutNd)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        d = self._fp_channelwise
+        shape = x.shape if d == 0 else (*x.shape[:x.dim() - d], *([1] * d))
+        keep = torch.empty(shape, device=x.device, dtype=x.dtype).bernoulli_(1.0 - self.p,
+                                                                               generator=self._fp_generator)
+        return x * keep / (1.0 - self.p) if self.p < 1.0 else x * keep
+
+
+_DROPOUTS = {nn.Dropout: 0, nn.Dropout1d: 1, nn.Dropout2d: 2, nn.Dropout3d: 3}
+_SEEDED = {cls: type(f"Seeded{cls.__name__}", (_SeededDropout, cls), {}) for cls in _DROPOUTS}
+
+
 class _Suspended:
     """What the run must not see or change of the user's model, set aside and put back at the end: hooks (except
     structural ones), ``.grad`` tensors, ``requires_grad`` flags and per-module train/eval modes."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, seed: int, device: torch.device) -> None:
         self.model = model
+        self.dropouts: List[Tuple[nn.Module, type]] = []
+        self.generators: Dict[str, torch.Generator] = {}
+        for i, m in enumerate(model.modules()):
+            if type(m) in _DROPOUTS:
+                self.dropouts.append((m, type(m)))
+                m._fp_channelwise = _DROPOUTS[type(m)]
+                m._fp_generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + i)
+                self.generators[f"dropout_{len(self.dropouts)}"] = m._fp_generator
+                m.__class__ = _SEEDED[type(m)]
         self.hooks: List[Tuple[nn.Module, str, OrderedDict]] = []
         for m in model.modules():
             for attr in _HOOK_DICTS:
@@ -174,6 +209,10 @@ class _Suspended:
             p.grad = None
 
     def restore(self, keep_grads: bool) -> None:
+        for m, cls in self.dropouts:
+            m.__class__ = cls
+            del m._fp_generator, m._fp_channelwise
+        self.dropouts = []
         for m, attr, d in self.hooks:
             setattr(m, attr, d)
         for p, g in self.grads:
@@ -232,7 +271,7 @@ def run_defense(name: str, algorithm: Callable[..., Optional[Dict[str, Any]]], c
     evalset = _eval_set(eval_data)
 
     work = model if inplace else copy.deepcopy(model)
-    suspended = _Suspended(work)
+    suspended = _Suspended(work, seed, dev)
     given = _state.snapshot(model) if inplace else None  # what a failed in-place run puts back
     loop = None
     try:
@@ -257,6 +296,7 @@ def run_defense(name: str, algorithm: Callable[..., Optional[Dict[str, Any]]], c
                     eval_fn=eval_fn, eval_every=eval_every, sync_checks=sync_checks, clock_start=clock_start,
                     clock=clock, model=net, checkpoint=ckpt, checkpoint_every=checkpoint_every,
                     resume_state=resume_state, meta=meta)
+        loop.track(**suspended.generators)  # the dropout masks' streams: a resumed run draws the same masks
         devices = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), _backend.use(backend, f"{name}(backend=...)"):
             torch.manual_seed(seed)
