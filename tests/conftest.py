@@ -1,6 +1,8 @@
-"""Test configuration (DESIGN.md rule 6): without a CUDA device, Triton kernels run on CPU through the
+"""Test configuration (DESIGN.md rules 6 and 7): without a CUDA device, Triton kernels run on CPU through the
 interpreter, so TRITON_INTERPRET must be set before anything imports Triton; GPU-only tests carry
-``@pytest.mark.gpu`` and are skipped, with a reason, when no CUDA device is present."""
+``@pytest.mark.gpu`` and are skipped, with a reason, when no CUDA device is present. With a CUDA device the whole
+session runs with TF32 off (GPU references are compared at fp32 tolerances), and the defense tests take the
+``device`` fixture: every available device, cuda marked ``gpu``."""
 
 import os
 
@@ -12,6 +14,10 @@ if not HAS_CUDA:
 
 import pytest  # noqa: E402
 
+#: The devices a defense test runs on: the CPU always, CUDA (marked ``gpu``, so skipped with a reason here) when
+#: one is present. Use the ``device`` fixture, or ``@pytest.mark.parametrize("device", DEVICES)``.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu, id="cuda")]
+
 
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
@@ -20,6 +26,25 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _gpu_references_without_tf32():
+    """DESIGN.md rule 7: torch runs fp32 cuDNN convolutions in TF32 by default (~1e-3 relative error), which would
+    fail every fp32 comparison of a cuDNN reference with an exact kernel; off for the whole session on a GPU."""
+    if not HAS_CUDA:
+        yield
+        return
+    from fastpurify.testing import no_tf32
+
+    with no_tf32():
+        yield
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    """Each available device in turn (``torch.device``): the defense tests' parameter."""
+    return torch.device(request.param)
 
 
 @pytest.fixture(autouse=True)

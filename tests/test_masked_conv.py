@@ -1,4 +1,5 @@
-"""masked_conv2d, build_masked_weights_ / mask_grads_, masked_adam_clamp_: the four-part test of DESIGN.md rule 7.
+"""masked_conv2d, build_masked_weights_ / mask_grads_, masked_adam_clamp_: the four-part test of DESIGN.md rule 7,
+and the TF32 switch that the rule's GPU references need (fastpurify.testing.no_tf32).
 
 CPU backends (torch, cpp, triton through its interpreter: tiny shapes) must all run here: a missing one fails, it
 is not skipped. CUDA tensors (cuda and triton backends) run whenever a GPU is present.
@@ -13,7 +14,7 @@ from fastpurify import backend
 from fastpurify.ops import build_masked_weights_, mask_grads_, masked_adam_clamp_, masked_conv2d
 from fastpurify.ops.masked_conv import _masked_conv2d
 from fastpurify.reference import masked_conv2d_ref
-from fastpurify.testing import assert_close
+from fastpurify.testing import assert_close, no_tf32, set_tf32_state, tf32_enabled, tf32_state
 
 CPU_BACKENDS = ["torch", "cpp", "triton"]
 GPU_CASES = [pytest.param("cuda", "cuda", marks=pytest.mark.gpu), pytest.param("triton", "cuda", marks=pytest.mark.gpu)]
@@ -292,3 +293,50 @@ def test_opcheck_multi_tensor_ops(be, device):
     opcheck(_mask_grads, (a, b, [torch.empty_like(t) for t in a], be))
     st = [[torch.zeros_like(t) for t in a] for _ in range(2)]
     opcheck(_masked_adam_clamp, ([t.clone() for t in b], a, *st, 1e-2, 0.9, 0.999, 1e-8, 1e-8, 1, be))
+
+
+# ------------------------------------------------------------------------------------------------ TF32 (rule 7)
+
+
+@pytest.mark.parametrize("start", ["default", "matmul_high", "per_op_conv_ieee"])
+def test_no_tf32_turns_tf32_off_and_restores_every_switch(start):
+    # The switches are process settings, so this runs without a GPU. The starts: torch's defaults (cuDNN
+    # convolutions in TF32), a user's set_float32_matmul_precision("high"), and a user's per-op setting, after
+    # which torch 2.13's legacy cuDNN getter refuses to answer (a mix of the two APIs).
+    saved = tf32_state()
+    try:
+        if start == "matmul_high":
+            torch.set_float32_matmul_precision("high")
+        elif start == "per_op_conv_ieee":
+            if not hasattr(torch.backends.cudnn, "conv"):
+                pytest.skip(f"torch {torch.__version__} has no per-op fp32_precision switches")
+            torch.backends.cudnn.conv.fp32_precision = "ieee"
+        before = tf32_state()
+        assert tf32_enabled() == (start != "per_op_conv_ieee")  # cuDNN in TF32 unless told otherwise
+        with no_tf32():
+            assert not tf32_enabled()
+            inside = tf32_state()
+            assert inside["cudnn.allow_tf32"] is False and inside["float32_matmul_precision"] == "highest"
+            assert all(inside[k] == "ieee" for k in ("cuda.matmul", "cudnn.conv", "cudnn.rnn") if k in inside)
+        assert tf32_state() == before
+        with pytest.raises(KeyError), no_tf32():  # restored when the block fails too
+            raise KeyError
+        assert tf32_state() == before
+    finally:
+        set_tf32_state(saved)
+    assert tf32_state() == saved
+
+
+@pytest.mark.gpu
+def test_gpu_fp32_convolutions_run_without_tf32():
+    """tests/conftest.py turns TF32 off for the session on a GPU: an fp32 cuDNN convolution (the reference of
+    every CUDA masked-conv comparison above) then sums in fp32. A 1x1 convolution over 512 channels is one GEMM
+    (no Winograd or FFT rounding): fp32 sums are ~1e-6 of the output's scale, TF32's 10-bit inputs ~1e-4 (not
+    measured on a GPU here; the bound sits between)."""
+    assert not tf32_enabled()
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(4, 512, 8, 8, generator=gen), torch.randn(64, 512, 1, 1, generator=gen)
+    exact = F.conv2d(x.double(), w.double())
+    out = F.conv2d(x.cuda(), w.cuda()).cpu().double()
+    rel = float((out - exact).abs().max() / exact.abs().max())
+    assert rel < 2e-5, f"fp32 cuDNN convolution off by {rel:.2e} of its scale: TF32 is on"
