@@ -1,8 +1,10 @@
 """The fast BCU (fastpurify/defenses/bcu.py) against the reference port: the same distillation to float rounding
 and the same purification, a teacher that never builds a graph, the cosine / temperature schedules (also when a
-time budget compresses them), the execution options."""
+time budget compresses them), the execution options; on every available device (cuda when present), with the
+steps checked for host synchronisation (fastpurify.testing.host_sync_check)."""
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -10,11 +12,13 @@ from _tiny import additive_backdoored, tiny_cnn
 from torch import nn
 
 import fastpurify
+from fastpurify import backend
 from fastpurify.data import synthetic_dataset
 from fastpurify.defenses._loop import Loop
 from fastpurify.defenses.bcu import cosine_lr
 from fastpurify.metrics import evaluate
 from fastpurify.reference.defenses.bcu import bcu as bcu_ref
+from fastpurify.testing import HostSyncError, host_sync_check, known_step_syncs
 
 # Two OpenMP threads stall on the shared 2-core test machine whenever another process holds a core.
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -39,7 +43,16 @@ def _state(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def test_fast_bcu_follows_the_reference_and_purifies(backdoored):
+def _same_states(a, b, device) -> bool:
+    """Two runs with the same seed: bit-equal on the CPU; on CUDA within 1e-5 relative, since cuDNN may pick
+    another algorithm (and reduce in another order) from one call to the next (not measured on a GPU here)."""
+    pairs = list(zip(a.state_dict().values(), b.state_dict().values()))
+    if device.type == "cpu":
+        return all(torch.equal(u, v) for u, v in pairs)
+    return all(torch.allclose(u.float(), v.float(), rtol=1e-5, atol=1e-6) for u, v in pairs)
+
+
+def test_fast_bcu_follows_the_reference_and_purifies(backdoored, device):
     model, trigger, x, (xt, yt) = backdoored
     before_state = _state(model)
     before = evaluate(model, xt, yt, trigger=trigger, target=0)
@@ -48,8 +61,11 @@ def test_fast_bcu_follows_the_reference_and_purifies(backdoored):
     # Four epochs of a 100-epoch method purify this net only with more re-initialisation than the published rates
     # (drawn from the run's generator since issue 13: with the published rates the ASR after 4 epochs measured
     # 71.5 / 89.6 / 97.4 / 78.9 % for seeds 0-3; the 13.7 % once measured here was one lucky stream).
-    kw = dict(epochs=4, batch_size=64, progress=False, seed=0,
+    kw = dict(epochs=4, batch_size=64, progress=False, seed=0, device=device,
               reinit_rates={"stage3": 0.27, "stage4": 0.5, "classifier": 0.5})
+    # On CUDA the fast path's SGD is fused and cuDNN sums in its own order on both paths: the bounds below are ten
+    # times the CPU's measured drift there (not measured on a GPU yet)
+    gpu = device.type == "cuda"
     fast, ref = fastpurify.bcu(model, x, **kw), bcu_ref(model, x, **kw)
     assert fastpurify.defenses.status()["bcu"] == "fast path"
     assert fast.status == ref.status == "completed"
@@ -58,14 +74,14 @@ def test_fast_bcu_follows_the_reference_and_purifies(backdoored):
     # the fused KL (log_softmax of the teacher instead of softmax then log) rounds differently, and training
     # amplifies that: measured loss differences 3e-8, 6e-7, 1.6e-5, 2.4e-5 relative in rounds 1-4, final
     # weights and BN buffers within 2.4e-5 relative (norm of the difference per tensor).
-    assert fast.history[0]["loss"] == pytest.approx(ref.history[0]["loss"], rel=1e-6)
+    assert fast.history[0]["loss"] == pytest.approx(ref.history[0]["loss"], rel=1e-5 if gpu else 1e-6)
     for hf, hr in zip(fast.history, ref.history):
-        assert hf["loss"] == pytest.approx(hr["loss"], rel=1e-3)
+        assert hf["loss"] == pytest.approx(hr["loss"], rel=1e-2 if gpu else 1e-3)
         assert hf["temperature"] == hr["temperature"]
     assert fast.history[-1]["temperature"] == pytest.approx(4.0)
     for (name, pf), pr in zip(fast.model.state_dict().items(), ref.model.state_dict().values()):
         if pf.is_floating_point():
-            assert float((pf - pr).norm()) <= 1e-3 * float(pr.norm()) + 1e-6, name
+            assert float((pf - pr).norm()) <= (1e-2 if gpu else 1e-3) * float(pr.norm()) + 1e-6, name
         else:
             assert torch.equal(pf, pr), name
     assert fast.info["layer_groups"] == ref.info["layer_groups"]
@@ -74,7 +90,8 @@ def test_fast_bcu_follows_the_reference_and_purifies(backdoored):
     ef = evaluate(fast.model, xt, yt, trigger=trigger, target=0)
     er = evaluate(ref.model, xt, yt, trigger=trigger, target=0)
     # measured: ASR 100 -> 42.2 % on both paths, ACC 90.7 -> 46.3 % (seeds 1-3, fast path: ASR 1.5 / 16.3 / 18.9 %)
-    assert abs(ef.asr - er.asr) <= 1.0 and abs(ef.acc - er.acc) <= 1.0, (ef, er)
+    bound = 3.0 if gpu else 1.0  # GPU: the other summation order may move a few of the 300 test images
+    assert abs(ef.asr - er.asr) <= bound and abs(ef.acc - er.acc) <= bound, (ef, er)
     assert ef.asr < before.asr - 40, (before, ef)
     # bf16 forwards (and channels_last) purify too (a different rounding, so another trajectory of this noisy
     # short schedule: the bound is the fp32 one)
@@ -89,7 +106,7 @@ def test_fast_bcu_follows_the_reference_and_purifies(backdoored):
     assert not fast.model.training
 
 
-def test_the_teacher_never_builds_a_graph(small):
+def test_the_teacher_never_builds_a_graph(small, device):
     model, (x, _) = small
     calls = []
 
@@ -103,7 +120,7 @@ def test_the_teacher_never_builds_a_graph(small):
             return out
 
     model = nn.Sequential(copy.deepcopy(model), Record())
-    r = fastpurify.bcu(model, x, epochs=2, batch_size=32, progress=False, augment=True)
+    r = fastpurify.bcu(model, x, epochs=2, batch_size=32, progress=False, augment=True, device=device)
     # each step runs the teacher (eval mode), then the student (train mode); before them come eval-mode calls of
     # the setup (input checks, the layer-grouping trace)
     student = [c for c in calls if c[0]]
@@ -114,21 +131,19 @@ def test_the_teacher_never_builds_a_graph(small):
     assert all(p.grad is None for p in r.model.parameters())
 
 
-def test_unlabeled_input_and_labels_are_ignored(small):
+def test_unlabeled_input_and_labels_are_ignored(small, device):
     model, (x, y) = small
-    kw = dict(epochs=1, batch_size=32, progress=False, seed=3)
+    kw = dict(epochs=1, batch_size=32, progress=False, seed=3, device=device)
     r1, r2 = fastpurify.bcu(model, x, **kw), fastpurify.bcu(model, (x, y), **kw)
-    for (k, v1), v2 in zip(r1.model.state_dict().items(), r2.model.state_dict().values()):
-        assert torch.equal(v1, v2), k
+    assert _same_states(r1.model, r2.model, device)
     r3 = fastpurify.bcu(model, x, **dict(kw, seed=4))
-    assert any(not torch.equal(v1, v3) for v1, v3 in zip(r1.model.state_dict().values(),
-                                                         r3.model.state_dict().values()))
+    assert not _same_states(r1.model, r3.model, device)
 
 
-def test_cosine_lr_and_temperature_follow_the_reference_schedule(small):
+def test_cosine_lr_and_temperature_follow_the_reference_schedule(small, device):
     model, (x, _) = small
     # T_max < epochs: torch's CosineAnnealingLR climbs back after T_max; the closed form must too
-    r = fastpurify.bcu(model, x, epochs=5, cosine_t_max=3, lr=0.05, batch_size=64, progress=False)
+    r = fastpurify.bcu(model, x, epochs=5, cosine_t_max=3, lr=0.05, batch_size=64, progress=False, device=device)
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.05)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=3)
     expected = []
@@ -141,14 +156,14 @@ def test_cosine_lr_and_temperature_follow_the_reference_schedule(small):
     assert cosine_lr(0.01, 0, 100) == 0.01
 
 
-def test_a_compressed_schedule_follows_total_rounds(small, monkeypatch):
+def test_a_compressed_schedule_follows_total_rounds(small, monkeypatch, device):
     model, (x, _) = small
 
     def plan(self, done):  # the loop decides that 4 of the 20 rounds fit
         self.total_rounds = 4
 
     monkeypatch.setattr(Loop, "_plan", plan)
-    r = fastpurify.bcu(model, x, epochs=20, batch_size=64, progress=False, time_budget=1e6)
+    r = fastpurify.bcu(model, x, epochs=20, batch_size=64, progress=False, time_budget=1e6, device=device)
     assert len(r.history) == 4 and r.status == "budget_exhausted"
     # round 0 ran before the plan, with E = 20; then the ramp and the cosine run over the 4 rounds
     assert r.history[0]["temperature"] == pytest.approx(1 + 3 / 20) and r.history[0]["lr"] == 0.01
@@ -157,10 +172,10 @@ def test_a_compressed_schedule_follows_total_rounds(small, monkeypatch):
     assert [h["lr"] for h in r.history[1:]] == pytest.approx([cosine_lr(0.01, e, t_max) for e in (1, 2, 3)])
 
 
-def test_a_real_time_budget_compresses_the_schedule(small):
+def test_a_real_time_budget_compresses_the_schedule(small, device):
     model, (x, _) = small
-    fastpurify.bcu(model, x, epochs=1, batch_size=32, progress=False)  # a cold first call takes ~2 s
-    r = fastpurify.bcu(model, x, epochs=1000, batch_size=32, progress=False, time_budget=2.0)
+    fastpurify.bcu(model, x, epochs=1, batch_size=32, progress=False, device=device)  # a cold first call takes ~2 s
+    r = fastpurify.bcu(model, x, epochs=1000, batch_size=32, progress=False, time_budget=2.0, device=device)
     n = len(r.history)
     assert r.status == "budget_exhausted" and 1 < n < 1000
     # without compression round n would have T = 1 + 3n/1000; the ramp ran over the rounds that fit instead
@@ -178,14 +193,68 @@ def test_execution_options_are_validated(small):
         fastpurify.bcu(model, x, reinit_rates={"stage5": 0.1}, progress=False)
 
 
-def test_bf16_and_channels_last_run(small):
+def test_bf16_and_channels_last_run(small, device):
     model, (x, _) = small
-    kw = dict(epochs=2, batch_size=32, progress=False, seed=0)
+    kw = dict(epochs=2, batch_size=32, progress=False, seed=0, device=device)
     base = fastpurify.bcu(model, x, **kw)
     for opts in (dict(precision="bf16"), dict(channels_last=True), dict(precision="bf16", channels_last=True)):
         r = fastpurify.bcu(model, x, **kw, **opts)
         assert r.status == "completed" and r.config["precision"] == opts.get("precision", "fp32")
         assert all(p.is_contiguous() and p.dtype == torch.float32 for p in r.model.parameters())
-        rel = 1e-4 if opts == dict(channels_last=True) else 5e-2  # bf16 logits: ~3 significant digits
+        # bf16 logits: ~3 significant digits; channels_last alone reorders the convolutions' sums (cuDNN picks other
+        # kernels for that layout: 1e-3 on CUDA, not measured on a GPU yet)
+        rel = (1e-3 if device.type == "cuda" else 1e-4) if opts == dict(channels_last=True) else 5e-2
         for hb, hr in zip(base.history, r.history):
             assert hr["loss"] == pytest.approx(hb["loss"], rel=rel), opts
+
+
+# ---------------------------------------------------------------------------------------------- host synchronisation
+
+
+def test_fast_bcu_steps_do_not_sync_the_host(small, device):
+    """The docstring's "the per-round loss is summed on the device and read once per round", checked: every
+    distillation step (its batch draw, augmentation, teacher and student, loss, finite guard, fused SGD) runs under
+    torch.cuda.set_sync_debug_mode("error") on CUDA, under the CPU stand-in here."""
+    model, (x, _) = small
+    with host_sync_check(device, allow=known_step_syncs("check_finite")) as scope:
+        r = fastpurify.bcu(model, x, epochs=2, batch_size=32, device=device, progress=False)
+    assert r.status == "completed" and len(r.history) == 2
+    assert scope.steps == 4  # 2 rounds of 2 batches, each checked
+
+
+def test_the_host_sync_check_catches_what_it_claims(small, monkeypatch):
+    """The CPU stand-in on BCU's step: a value read, a boolean-mask index and a blocking host-to-device copy inside
+    a step raise, naming the line; the same read once per round does not; an allowance that no longer
+    synchronises fails the check; the GPU strategies are on only inside the check."""
+    model, (x, _) = small
+    bcu_mod = importlib.import_module("fastpurify.defenses.bcu")
+    kw = dict(epochs=1, batch_size=32, progress=False)
+    allow = known_step_syncs("check_finite")
+    kd = bcu_mod.kd_loss
+    injected = {
+        "reads a device tensor": lambda z: float(z.sum()),
+        "boolean mask": lambda z: z[z > 0],
+        "copies host data to the device": lambda z: torch.as_tensor(1.0, device=z.device),
+    }
+    for what, extra in injected.items():
+        monkeypatch.setattr(bcu_mod, "kd_loss", lambda z, lp, t, extra=extra: (extra(z), kd(z, lp, t))[1])
+        with pytest.raises(HostSyncError, match=what) as e, host_sync_check("cpu", allow=allow):
+            fastpurify.bcu(model, x, **kw)
+        assert "test_fast_bcu.py" in str(e.value)  # the line that synchronised
+    # device-side work that needs no copy passes: a tensor filled on the device, a host draw read on the host
+    monkeypatch.setattr(bcu_mod, "kd_loss", lambda z, lp, t: kd(z, lp, t) + torch.ones((), device=z.device) * 0
+                        + float(torch.rand(1, generator=torch.Generator().manual_seed(0))) * 0)
+    with host_sync_check("cpu", allow=allow):
+        fastpurify.bcu(model, x, **kw)
+    monkeypatch.setattr(bcu_mod, "kd_loss", kd)
+    log = Loop.log
+    monkeypatch.setattr(Loop, "log", lambda self, **v: (log(self, **v), [float(t) for t in v.values()]))
+    with host_sync_check("cpu", allow=allow) as scope:  # read once per round, after the steps: not a step's sync
+        fastpurify.bcu(model, x, **kw)
+    assert scope.steps == 2 and scope.suppressed
+    with pytest.raises(AssertionError, match="no longer happen"), host_sync_check(
+            "cpu", allow=allow + [(bcu_mod, "kd_loss", "never synchronises")]):
+        fastpurify.bcu(model, x, **kw)
+    with host_sync_check("cpu", allow=allow, strict=False):  # no run: nothing to let through
+        assert backend.launch_bound(torch.device("cpu")) and bcu_mod.launch_bound(torch.device("cpu"))
+    assert not backend.launch_bound(torch.device("cpu")) and not bcu_mod.launch_bound(torch.device("cpu"))
