@@ -1,6 +1,7 @@
 """The fast AWM (fastpurify/defenses/awm.py) against the reference port on a tiny backdoored network: the same
 first round to float rounding, the same purification after six, the fused mask optimiser equal to Adam + clamp,
-any Conv2d, options validated, the user's model untouched."""
+any Conv2d, options validated, the user's model untouched; on every available device (cuda when present), with the
+steps checked for host synchronisation."""
 
 import copy
 
@@ -14,6 +15,7 @@ from fastpurify.data import synthetic_dataset
 from fastpurify.defenses.awm import MaskedAdamClamp
 from fastpurify.metrics import evaluate
 from fastpurify.reference.defenses.awm import awm as awm_ref
+from fastpurify.testing import host_sync_check, known_step_syncs
 
 # Two OpenMP threads stall on the shared 2-core test machine whenever another process holds a core
 # (tests/test_ref_ibau.py took 506 s with 2 threads, 43 s with 1): see the one_thread fixture.
@@ -34,25 +36,31 @@ def _eval(model, test):
     return evaluate(model, *test, trigger=RandomPatch(3, seed=5), target=0)
 
 
-def test_fast_awm_follows_the_reference(backdoored):
+def test_fast_awm_follows_the_reference(backdoored, device):
     model, clean, test = backdoored
     before = _eval(model, test)
     # τ = 100 as in tests/test_ref_awm.py (τ = 1000 is more than this tiny model can be made robust to)
-    kw = dict(trigger_norm=100.0, progress=False, seed=0)
+    kw = dict(trigger_norm=100.0, progress=False, seed=0, device=device)
     fast1, ref1 = fastpurify.awm(model, clean, epochs=1, **kw), awm_ref(model, clean, epochs=1, **kw)
     assert fastpurify.defenses.status()["awm"] == "fast path"
     hf, hr = fast1.history[0], ref1.history[0]
     # One round: the same algorithm with the floats summed in another order (per-sample gradients averaged in the
     # fused update, one 2B-row forward). Measured: loss 4.4e-5 relative, mask_mean 3e-6, the trigger 5e-4 relative.
-    for k, tol in (("loss", 1e-3), ("train_acc", 1e-6), ("trigger_l1", 1e-4), ("mask_mean", 1e-4), ("lr", 0.0)):
+    # CUDA: the masked-conv kernels and cuDNN reduce in their own order, and Adam's ±lr steps take the sign of
+    # that rounding: ten times the CPU's bounds, two more correct images allowed (not measured on a GPU yet).
+    gpu = device.type == "cuda"
+    scale = 10.0 if gpu else 1.0
+    acc_tol = 2 / len(clean[1]) if gpu else 1e-6
+    for k, tol in (("loss", scale * 1e-3), ("train_acc", acc_tol), ("trigger_l1", scale * 1e-4),
+                   ("mask_mean", scale * 1e-4), ("lr", 0.0)):
         assert abs(hf[k] - hr[k]) <= tol * max(1.0, abs(hr[k])), (k, hf[k], hr[k])
     rel = float((fast1.info["trigger"] - ref1.info["trigger"]).norm() / ref1.info["trigger"].norm())
-    assert rel < 5e-3, rel
+    assert rel < scale * 5e-3, rel
     # Adam moves every mask element by about ±lr whatever its gradient's size, so the elements whose gradient is
     # near zero take the sign of the rounding: measured mean |m_fast − m_ref| = 4.5e-5, max 6.1e-3 after a round.
     for name, m in fast1.info["masks"].items():
-        assert float((m - ref1.info["masks"][name]).abs().mean()) < 1e-3, name
-    assert _eval(fast1.model, test).asr == pytest.approx(_eval(ref1.model, test).asr, abs=2.0)
+        assert float((m - ref1.info["masks"][name]).abs().mean()) < scale * 1e-3, name
+    assert _eval(fast1.model, test).asr == pytest.approx(_eval(ref1.model, test).asr, abs=5.0 if gpu else 2.0)
 
     # Six rounds: those differences grow through the following triggers and mask steps, so the trajectories
     # drift apart (measured round-6 loss 0.569 vs 0.617) while the outcome is the same method's: measured ASR
@@ -73,9 +81,9 @@ def test_fast_awm_follows_the_reference(backdoored):
     assert all(p.grad is None for p in fast.model.parameters())
 
 
-def test_masked_adam_clamp_optimizer_equals_adam_and_clamp():
+def test_masked_adam_clamp_optimizer_equals_adam_and_clamp(device):
     torch.manual_seed(0)
-    a = [nn.Parameter(torch.rand(4, 3, 3, 3)), nn.Parameter(torch.rand(8, 4, 1, 1))]
+    a = [nn.Parameter(torch.rand(4, 3, 3, 3, device=device)), nn.Parameter(torch.rand(8, 4, 1, 1, device=device))]
     b = [nn.Parameter(t.detach().clone()) for t in a]
     ref = torch.optim.Adam(a, lr=1e-2, eps=1e-8)
     fast = MaskedAdamClamp(b, lr=1e-2, eps=1e-8, l1=1e-8)
@@ -113,11 +121,12 @@ class _Odd(nn.Module):
         return self.head((self.main(h) + self.shortcut(h)).mean((2, 3)))
 
 
-def test_fast_awm_any_conv_and_normalization_names():
+def test_fast_awm_any_conv_and_normalization_names(device):
     torch.manual_seed(0)
     model = _Odd().eval()
     x, y = torch.rand(16, 3, 16, 16), torch.arange(16) % 4
-    kw = dict(epochs=2, inner=1, batch_size=8, lr=0.05, normalization=((0.5,) * 3, (0.25,) * 3), progress=False)
+    kw = dict(epochs=2, inner=1, batch_size=8, lr=0.05, normalization=((0.5,) * 3, (0.25,) * 3), progress=False,
+              device=device)
     fast, ref = fastpurify.awm(model, (x, y), **kw), awm_ref(model, (x, y), **kw)
     assert sorted(fast.info["masks"]) == sorted(ref.info["masks"]) == ["depthwise", "dilated", "main", "shortcut",
                                                                         "stem"]
@@ -127,7 +136,7 @@ def test_fast_awm_any_conv_and_normalization_names():
         torch.testing.assert_close(mask, ref.info["masks"][name], rtol=0, atol=0.05)
 
 
-def test_fast_awm_validates_and_leaves_the_user_model_untouched(backdoored):
+def test_fast_awm_validates_and_leaves_the_user_model_untouched(backdoored, device):
     model, clean, _ = backdoored
     with pytest.raises(ValueError, match="alpha must lie in"):
         fastpurify.awm(model, clean, alpha=2.0, progress=False)
@@ -139,17 +148,17 @@ def test_fast_awm_validates_and_leaves_the_user_model_untouched(backdoored):
     user = copy.deepcopy(model)
     state = {k: v.clone() for k, v in user.state_dict().items()}
     flags = [p.requires_grad for p in user.parameters()]
-    r = fastpurify.awm(user, (clean[0][:32], clean[1][:32]), epochs=1, inner=1, progress=False)
+    r = fastpurify.awm(user, (clean[0][:32], clean[1][:32]), epochs=1, inner=1, progress=False, device=device)
     assert all(torch.equal(state[k], v) for k, v in user.state_dict().items())
     assert [p.requires_grad for p in user.parameters()] == flags and not user.training
     assert all(p.grad is None for p in user.parameters()) and r.model is not user
 
 
-def test_fast_awm_bf16_runs_and_purifies(backdoored):
+def test_fast_awm_bf16_runs_and_purifies(backdoored, device):
     # bf16 is an option, off by default: on this tiny model it purifies less within 3 rounds (measured ASR
     # 91.9 -> 51.5 % bf16 vs 34.4 % fp32, ACC 83.3 vs 89.3 %), so no parity is claimed here
     model, clean, test = backdoored
-    kw = dict(trigger_norm=100.0, progress=False, seed=0, epochs=3)
+    kw = dict(trigger_norm=100.0, progress=False, seed=0, epochs=3, device=device)
     fp32, bf16 = fastpurify.awm(model, clean, **kw), fastpurify.awm(model, clean, precision="bf16", **kw)
     assert bf16.config["precision"] == "bf16" and all(m.dtype == torch.float32 for m in bf16.info["masks"].values())
     a, b = _eval(fp32.model, test), _eval(bf16.model, test)
@@ -157,3 +166,17 @@ def test_fast_awm_bf16_runs_and_purifies(backdoored):
     assert b.acc > 70, b
     with pytest.raises(ValueError, match=r"precision='fp16' is not valid; expected one of: 'fp32', 'bf16'"):
         fastpurify.awm(model, clean, precision="fp16", progress=False)
+
+
+def test_fast_awm_steps_do_not_sync_the_host(backdoored, device):
+    """The docstring's "the absent host syncs are for the GPU", checked: every recovery and mask step (its batch
+    draw, the one W_eff build, the fused Δ update and the fused mask optimiser) runs under
+    torch.cuda.set_sync_debug_mode("error") on CUDA, under the CPU stand-in with the GPU strategies here. The
+    batches drawn with replacement are still copied to the device one step at a time (allowed, strictly, until
+    defenses/_loop.py draws them at once)."""
+    model, clean, _ = backdoored
+    x, y = clean[0][:64], clean[1][:64]
+    with host_sync_check(device, allow=known_step_syncs("check_finite", "replacement_draws")) as scope:
+        r = fastpurify.awm(model, (x, y), epochs=2, inner=1, batch_size=32, device=device, progress=False)
+    assert r.status == "completed" and len(r.history) == 2
+    assert scope.steps == 2 * (2 + 2)  # per round: 2 recovery steps, 2 mask steps

@@ -1,6 +1,7 @@
 """The fast BAERASE (fastpurify/defenses/baerase.py) against the reference port: the same purification of the tiny
 patch-backdoored network (tests/_tiny.py), the same detection, its pieces equal to the reference's, options
-validated, the user's model untouched, the time budget honoured."""
+validated, the user's model untouched, the time budget honoured; on every available device (cuda when present),
+with the steps checked for host synchronisation."""
 
 import copy
 import importlib
@@ -14,6 +15,7 @@ import fastpurify
 from fastpurify.cli import DEMO_DEFENSES
 from fastpurify.data import synthetic_dataset
 from fastpurify.metrics import evaluate
+from fastpurify.testing import host_sync_check, known_step_syncs
 
 # the package attributes ``defenses.baerase`` are the functions; the modules are reached by name
 fast_mod = importlib.import_module("fastpurify.defenses.baerase")
@@ -45,11 +47,15 @@ def _state(model):
 # ---------------------------------------------------------------------------------------------- against the reference
 
 
-def test_fast_baerase_follows_the_reference(backdoored):
+def test_fast_baerase_follows_the_reference(backdoored, device):
     model, clean, test = backdoored
     user_state = _state(model)
     before = _eval(model, test)
-    kw = dict(target=0, epochs=2, stop_rate=None, progress=False, seed=0, **SMALL)
+    kw = dict(target=0, epochs=2, stop_rate=None, progress=False, seed=0, device=device, **SMALL)
+    # CUDA: cuDNN and cuBLAS sum in their own order on both paths and the MI estimate (a difference of large
+    # terms) amplifies it: ten times the CPU's bounds, one more image per count (not measured on a GPU yet)
+    gpu = device.type == "cuda"
+    scale, images = (10.0, 2.5) if gpu else (1.0, 1.5)
     fast, ref = fastpurify.baerase(model, clean, **kw), baerase_ref(model, clean, **kw)
     assert fastpurify.defenses.status()["baerase"] == "fast path"
     assert fastpurify.baerase is fast_mod.baerase
@@ -59,23 +65,24 @@ def test_fast_baerase_follows_the_reference(backdoored):
     # 0 / 1 / 2 (the reference with one-ulp changes to G's initial weights moves by < 1e-6: the fast path's other
     # summation order is what moves it). The class score counts images: one of the 144 may flip on another CPU.
     assert fast.info["target"] == ref.info["target"] == 0
-    assert fast.info["class_scores"][0] == pytest.approx(ref.info["class_scores"][0], abs=1.5 / 144)
+    assert fast.info["class_scores"][0] == pytest.approx(ref.info["class_scores"][0], abs=images / 144)
     for lf, lr in zip(fast.info["recovery"], ref.info["recovery"]):
-        assert lf["epoch"] == lr["epoch"] and lf["flip_rate"] == pytest.approx(lr["flip_rate"], abs=1.5 / 144)
-        assert lf["hinge"] == pytest.approx(lr["hinge"], rel=1e-3) and lf["mi"] == pytest.approx(lr["mi"], abs=1e-3)
+        assert lf["epoch"] == lr["epoch"] and lf["flip_rate"] == pytest.approx(lr["flip_rate"], abs=images / 144)
+        assert lf["hinge"] == pytest.approx(lr["hinge"], rel=scale * 1e-3)
+        assert lf["mi"] == pytest.approx(lr["mi"], abs=scale * 1e-3)
     assert len(fast.history) == len(ref.history) == 2
     for hf, hr in zip(fast.history, ref.history):
         for key in ("loss", "clean_ce", "patch_ce", "patch_flip_rate"):
-            assert abs(hf[key] - hr[key]) <= 1e-2 * max(1.0, abs(hr[key])), (key, hf[key], hr[key])
+            assert abs(hf[key] - hr[key]) <= min(0.1, scale * 1e-2) * max(1.0, abs(hr[key])), (key, hf[key], hr[key])
     # the weights: measured max |fast − ref| 3.6e-4 against a max movement of 2.1e-2 from the backdoored weights
     with torch.no_grad():
         apart = max(float((a - b).abs().max()) for a, b in zip(fast.model.parameters(), ref.model.parameters()))
         moved = max(float((b - p0).abs().max()) for b, p0 in zip(ref.model.parameters(), model.parameters()))
-    assert apart < 0.05 * moved, (apart, moved)
+    assert apart < (0.1 if gpu else 0.05) * moved, (apart, moved)
     # The outcome: measured ASR 92.8 -> 3.7 % (both), ACC 94.3 -> 84.7 / 84.8 %.
     af, ar = _eval(fast.model, test), _eval(ref.model, test)
     assert before.asr > 80 and af.asr < before.asr - 40 and af.acc > 70, (before, af)
-    assert abs(af.asr - ar.asr) <= 5 and abs(af.acc - ar.acc) <= 3, (af, ar)
+    assert abs(af.asr - ar.asr) <= (8 if gpu else 5) and abs(af.acc - ar.acc) <= (5 if gpu else 3), (af, ar)
     assert {"recover", "unlearn", "stop_check", "defense"} <= set(fast.timings)
     assert fast.schedule["recovery_epochs"] == 3 and fast.status == "completed"
     # the user's model is untouched, has no gradients, and the result has none either
@@ -84,9 +91,9 @@ def test_fast_baerase_follows_the_reference(backdoored):
     assert all(p.grad is None for p in fast.model.parameters()) and fast.model is not model
 
 
-def test_fast_detection_finds_the_target(backdoored):
+def test_fast_detection_finds_the_target(backdoored, device):
     model, clean, _ = backdoored
-    r = fastpurify.baerase(model, clean, target=None, epochs=1, progress=False, seed=0, **SMALL)
+    r = fastpurify.baerase(model, clean, target=None, epochs=1, progress=False, seed=0, device=device, **SMALL)
     info = r.info
     assert info["detected_target"] == 0 and info["target"] == 0
     scores = info["class_scores"]
@@ -96,28 +103,30 @@ def test_fast_detection_finds_the_target(backdoored):
     assert len(info["recovery"]) == 3 and len(info["recovery"][0]["flip_rate"]) == 10
 
 
-def test_detection_scores_equal_the_reference(backdoored):
+def test_detection_scores_equal_the_reference(backdoored, device):
     # K = 10 generators trained at once: the same per-class scores as the reference (small, 1 epoch each).
     model, clean, _ = backdoored
     data = (clean[0][:64], clean[1][:64])
     kw = dict(target=None, epochs=1, recovery_epochs=1, hidden_size=16, batch_size=32, stop_rate=None,
-              progress=False, seed=2)
+              progress=False, seed=2, device=device)
     fast, ref = fastpurify.baerase(model, data, **kw), baerase_ref(model, data, **kw)
     assert sorted(fast.info["class_scores"]) == sorted(ref.info["class_scores"]) == list(range(10))
+    gpu = device.type == "cuda"  # GPU: another summation order may move one more image (not measured yet)
     for c, s in ref.info["class_scores"].items():
-        assert fast.info["class_scores"][c] == pytest.approx(s, abs=1.5 / 64), c  # at most one image apart
+        assert fast.info["class_scores"][c] == pytest.approx(s, abs=(2.5 if gpu else 1.5) / 64), c
     assert fast.info["detected_target"] == ref.info["detected_target"]
-    assert fast.history[0]["loss"] == pytest.approx(ref.history[0]["loss"], rel=1e-3)
+    assert fast.history[0]["loss"] == pytest.approx(ref.history[0]["loss"], rel=1e-2 if gpu else 1e-3)
 
 
 # ---------------------------------------------------------------------------------------------- the pieces
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_stamp_into_equals_the_reference_stamp(channels_last):
+def test_stamp_into_equals_the_reference_stamp(channels_last, device):
+    # copies only: bit-equal on every device
     torch.manual_seed(0)
-    x = torch.rand(3, 3, 9, 7)
-    p = torch.rand(2, 3, 12, requires_grad=True)  # 2×2 patches
+    x = torch.rand(3, 3, 9, 7, device=device)
+    p = torch.rand(2, 3, 12, device=device, requires_grad=True)  # 2×2 patches
     out = fast_mod.stamp_into(x, p, 6, 1, channels_last=channels_last)
     expected = ref_mod.stamp(x, p, 6, 1)
     assert torch.equal(out, expected)
@@ -130,11 +139,11 @@ def test_stamp_into_equals_the_reference_stamp(channels_last):
     assert torch.equal(both[:3], x) and torch.equal(both[3:], expected)
 
 
-def test_generator_and_statistics_network_equal_the_reference_modules():
+def test_generator_and_statistics_network_equal_the_reference_modules(device):
     # (W xᵀ)ᵀ instead of x Wᵀ: the same values and gradients, and the weight gradients in the weights' layout
     torch.manual_seed(0)
-    gen, mine = ref_mod.Generator(3, 8, 27, 16).train(), ref_mod.Mine(3, 8, 27, 16)
-    z = torch.rand(3, 5, 8)
+    gen, mine = ref_mod.Generator(3, 8, 27, 16).train().to(device), ref_mod.Mine(3, 8, 27, 16).to(device)
+    z = torch.rand(3, 5, 8, device=device)
     runs = []
     for gen_fn, mine_fn in ((ref_mod.Generator.__call__, ref_mod.Mine.__call__),
                             (fast_mod.generate, fast_mod.statistics)):
@@ -145,38 +154,47 @@ def test_generator_and_statistics_network_equal_the_reference_modules():
         runs.append((p.detach(), t.detach(), [q.grad for q in [*g.parameters(), *m.parameters()]],
                      [b.clone() for b in g.buffers()]))
     (p0, t0, g0, b0), (p1, t1, g1, b1) = runs
-    torch.testing.assert_close(p1, p0, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(t1, t0, rtol=1e-5, atol=1e-6)
+    # CUDA: bmm and matmul are different cuBLAS kernels (fp32, TF32 off for the session): ten times the CPU's
+    # bounds (not measured on a GPU yet)
+    k = 10.0 if device.type == "cuda" else 1.0
+    torch.testing.assert_close(p1, p0, rtol=k * 1e-5, atol=k * 1e-6)
+    torch.testing.assert_close(t1, t0, rtol=k * 1e-5, atol=k * 1e-6)
     for a, b in zip(g1, g0):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=k * 1e-4, atol=k * 1e-6)
         assert a.is_contiguous()
     for a, b in zip(b1, b0):  # BatchNorm running statistics moved the same way
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=k * 1e-6, atol=k * 1e-6)
 
 
-def test_mine_loss_on_the_device_equals_the_reference():
+def test_mine_loss_on_the_device_equals_the_reference(device):
     torch.manual_seed(0)
     ma_ref, ma = [None, None], None
     for rate in (0.001, 0.5, 0.001):
-        tj = torch.randn(2, 6, requires_grad=True)
-        tm = (torch.randn(2, 6) * 2).requires_grad_(True)
+        tj = torch.randn(2, 6, device=device, requires_grad=True)
+        tm = (torch.randn(2, 6, device=device) * 2).requires_grad_(True)
         v_ref = ref_mod.mine_loss(tj, tm, ma_ref, rate)
         v, ma = fast_mod.mine_loss_device(tj, tm, ma, rate)
-        assert ma.dtype == torch.float64 and ma.tolist() == ma_ref  # the same double arithmetic
-        assert torch.equal(v, v_ref)
+        assert ma.dtype == torch.float64
+        if device.type == "cpu":  # the same double arithmetic, bit for bit
+            assert ma.tolist() == ma_ref and torch.equal(v, v_ref)
+        else:  # nvcc may contract ā + rate·(e − ā) into one FMA: an ulp apart (not measured on a GPU yet)
+            assert ma.tolist() == pytest.approx(ma_ref, rel=1e-15)
+            torch.testing.assert_close(v, v_ref)
         g = torch.autograd.grad(v.sum(), [tj, tm])
         g_ref = torch.autograd.grad(v_ref.sum(), [tj, tm])
-        assert all(torch.equal(a, b) for a, b in zip(g, g_ref))
+        for a, b in zip(g, g_ref):
+            assert torch.equal(a, b) if device.type == "cpu" else torch.allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
-def test_one_forward_equals_two_in_train_mode():
+def test_one_forward_equals_two_in_train_mode(device):
     # The unlearning step's one forward of [x; x_p] with BatchNorm per half: the same logits, weight gradients
     # and running statistics as the reference's two train-mode forwards. A plain concatenated forward is not.
+    # (CUDA: cuDNN may pick another algorithm for 2B rows than for B; the bounds below hold it to 1e-4.)
     torch.manual_seed(0)
-    base = tiny_cnn(16).train()
-    x = torch.rand(8, 3, 32, 32)
-    patch = torch.rand(1, 8, 27)
-    y = torch.arange(8) % 10
+    base = tiny_cnn(16).train().to(device)
+    x = torch.rand(8, 3, 32, 32, device=device)
+    patch = torch.rand(1, 8, 27, device=device)
+    y = torch.arange(8, device=device) % 10
     runs = {}
     for name, one in (("two", False), ("one", True)):
         net = copy.deepcopy(base)
@@ -214,9 +232,9 @@ def test_bad_options_name_the_value(backdoored, kw, error, match):
 
 @pytest.mark.parametrize("kw", [dict(precision="bf16"), dict(channels_last=True),
                                 dict(precision="bf16", channels_last=True)])
-def test_bf16_and_channels_last_purify(backdoored, kw):
+def test_bf16_and_channels_last_purify(backdoored, kw, device):
     model, clean, test = backdoored
-    r = fastpurify.baerase(model, clean, target=0, epochs=2, progress=False, seed=0, **SMALL, **kw)
+    r = fastpurify.baerase(model, clean, target=0, epochs=2, progress=False, seed=0, device=device, **SMALL, **kw)
     # measured: the same outcome as fp32 (ASR 0.0 %, ACC 85.3 %); bf16 moves the class score by one image
     a = _eval(r.model, test)
     assert r.status == "completed" and a.asr < 20 and a.acc > 70, (kw, a)
@@ -225,12 +243,12 @@ def test_bf16_and_channels_last_purify(backdoored, kw):
                                                                        for p in r.model.parameters())
 
 
-def test_frozen_user_parameters_and_early_stop(backdoored):
+def test_frozen_user_parameters_and_early_stop(backdoored, device):
     model, clean, _ = backdoored
     user = copy.deepcopy(model)
     user[0].requires_grad_(False)
     flags = [p.requires_grad for p in user.parameters()]
-    kw = dict(target=3, epochs=3, recovery_epochs=1, hidden_size=16, batch_size=64, progress=False)
+    kw = dict(target=3, epochs=3, recovery_epochs=1, hidden_size=16, batch_size=64, progress=False, device=device)
     r = fastpurify.baerase(user, clean, stop_rate=1.01, **kw)  # every flip rate is below: stop after round 1
     assert r.info["stopped_early"] == 1 and len(r.history) == 1 and r.info["target"] == 3
     assert "detected_target" not in r.info
@@ -242,19 +260,45 @@ def test_frozen_user_parameters_and_early_stop(backdoored):
     assert r.info["stopped_early"] is None and len(r.history) == 3
 
 
-def test_accepts_the_cli_demo_settings(backdoored):
+def test_accepts_the_cli_demo_settings(backdoored, device):
     model, clean, _ = backdoored
     settings = dict(DEMO_DEFENSES["baerase"], epochs=1, recovery_epochs=1)  # the demo's, shortened
-    r = fastpurify.baerase(model, clean, progress=False, **settings)
+    r = fastpurify.baerase(model, clean, progress=False, device=device, **settings)
     assert r.status == "completed" and r.info["target"] == settings["target"]
     assert r.config["hidden_size"] == DEMO_DEFENSES["baerase"]["hidden_size"] and r.config["position"] == "corner"
 
 
-def test_time_budget_shortens_the_recovery(backdoored):
+def test_time_budget_shortens_the_recovery(backdoored, device):
     model, clean, _ = backdoored
-    kw = dict(target=0, epochs=3, recovery_epochs=60, hidden_size=16, batch_size=32, stop_rate=None, progress=False)
+    kw = dict(target=0, epochs=3, recovery_epochs=60, hidden_size=16, batch_size=32, stop_rate=None, progress=False,
+              device=device)
     # one recovery epoch (5 generator steps) takes about 0.05-0.1 s here: 60 do not fit in half of 3 s
     r = fastpurify.baerase(model, clean, time_budget=3.0, **kw)
     assert 1 <= r.schedule["recovery_epochs"] < 60
     assert len(r.info["recovery"]) == r.schedule["recovery_epochs"]
     assert r.timings["defense"] < 3.0 + 1.0 and len(r.history) >= 1
+
+
+
+# ---------------------------------------------------------------------------------------------- host synchronisation
+
+
+@pytest.mark.parametrize("target", [0, None], ids=["target", "detection"])
+def test_fast_baerase_steps_do_not_sync_the_host(backdoored, device, target, monkeypatch):
+    """The docstring's "the only host reads are the recovery's logs and the class scores (once, at the end of the
+    recovery) and the early-stop flip rate (once per round)", checked: every recovery, flip-rate and unlearning step
+    runs under torch.cuda.set_sync_debug_mode("error") on CUDA, under the CPU stand-in with the GPU strategies
+    here; those reads lie between the steps."""
+    model, clean, _ = backdoored
+    if device.type == "cpu":
+        # _to_device's CUDA branch (pinned memory, non_blocking) is chosen by the device type, not by
+        # launch_bound: give the stand-in the copy CUDA makes (pin_memory itself needs a CUDA runtime)
+        monkeypatch.setattr(fast_mod, "_to_device", lambda t, dev: t.to(dev, non_blocking=True))
+    data = (clean[0][:64], clean[1][:64])
+    with host_sync_check(device, allow=known_step_syncs("check_finite")) as scope:
+        r = fastpurify.baerase(model, data, target=target, epochs=2, recovery_epochs=2, hidden_size=16,
+                               batch_size=32, stop_rate=0.0, device=device, progress=False)
+    assert r.status == "completed" and len(r.history) == 2
+    # per run: 2 recovery epochs of 2 steps and the scoring pass (2 batches); per round: 2 unlearning steps and
+    # the early-stop pass (2 batches)
+    assert scope.steps == 2 * 2 + 2 + 2 * (2 + 2)
