@@ -18,7 +18,17 @@ What changes against the reference, and why it is the same method:
   to its rows with a 0/1 row mask instead of a zero tensor filled by index assignment, the masks of a whole
   round drawn up front (same generator, same order) and copied to the device at once;
 - the batches of a round are gathered once and used by both passes; the per-round statistics and the
-  finite-loss guard stay on the device (read once per round by the loop helper).
+  finite-loss guard stay on the device (read once per round by the loop helper);
+- **CUDA graphs** (``cuda_graph``, CUDA only): the hypergradient step — the outer gradients, the inner gradient
+  graph, the K-step solve and the mixed product, ~K+3 backward passes — is captured once per batch shape
+  (:class:`HypergradGraphs`, :class:`~fastpurify.ops.CapturedHypergrad`) and replayed: counted on CPU with the
+  real SmallVGG and 256 images (benchmarks/results/cpu-amd-epyc-2t/dispatch.md) a step dispatches ~2,000 ATen
+  ops with no host read, which a replay turns into one graph launch and 6 input copies. The default ``None``
+  captures a shape that repeats at least ``GRAPH_MIN_STEPS`` = 3 times in the run (the default 5 rounds: every
+  full batch, and a ragged last batch too), so short runs do not pay for a capture they cannot amortise; the
+  weights still change only at ``loop.step`` (the graph's outputs become ``.grad``; the optimizer, fused on
+  CUDA, steps outside it). Replays compute what the eager step computes (tests/test_graphs.py, GPU-marked);
+  the CPU path is unchanged.
 
 Options of the fast path only: ``precision="bf16"`` runs the perturbation pass's forwards under bf16 autocast
 (the hypergradient, a second-order quantity, stays fp32). ``solver`` keeps the reference's default, the
@@ -50,27 +60,44 @@ the mixed product 0.3 s, the outer and inner forward/backward 0.45 s.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.cg import implicit_hypergrad
+from ..backend import launch_bound
+from ..ops.attack import GraphCache
+from ..ops.cg import CapturedHypergrad, implicit_hypergrad
 from ..ops.universal import universal_update_
 from ..reference.defenses.ibau import PASS_SHARE, IBAUConfig, make_optimizer
 from ._loop import PRECISIONS, PurifyResult, check_choice, precision_autocast, run_defense
 
+# With cuda_graph=None (auto), a batch shape is captured when it will run at least this many outer steps in the
+# run. A capture costs warmup = 2 eager solves on a side stream (the second one's result is the step's own, so one
+# solve is spent) plus the recording, about one more eager solve of host time; a replay replaces the ~K+3
+# backward passes' thousands of launches (tens of ms of host time per step at I-BAU's batch 100 on a GPU). So a
+# shape seen 3 times breaks even or wins; a ragged last batch seen once per round over 1-2 rounds runs eagerly.
+# (An estimate: no GPU has measured capture against replay cost yet.)
+GRAPH_MIN_STEPS = 3
+GRAPH_WARMUP = 2
+
 
 @dataclass
 class FastIBAUConfig(IBAUConfig):
-    """The reference's hyper-parameters (same defaults) plus the fast path's execution option."""
+    """The reference's hyper-parameters (same defaults) plus the fast path's execution options."""
 
     precision: str = "fp32"  # "bf16": the perturbation pass's forwards under bf16 autocast
+    # CUDA graphs of the hypergradient step: None (auto) captures each batch shape that repeats >= GRAPH_MIN_STEPS
+    # times in the run on CUDA (never on CPU); True captures every shape (CUDA only); False never captures
+    cuda_graph: Optional[bool] = None
 
     def validate(self) -> None:
         super().validate()
         check_choice("precision", self.precision, PRECISIONS)
+        if self.cuda_graph is not None and not isinstance(self.cuda_graph, bool):
+            raise TypeError(f"cuda_graph must be True, False or None (auto), got {self.cuda_graph!r} "
+                            f"({type(self.cuda_graph).__name__})")
 
 
 def perturbation_pass(net: nn.Module, xs, cfg: IBAUConfig, loop) -> Dict[str, Tensor]:
@@ -128,12 +155,104 @@ def ops(cfg: FastIBAUConfig):
     return ("universal_update",) + (("cg_step", "cg_direction") if cfg.solver == "cg" else ())
 
 
+def inner_loss_fn(net: nn.Module, cfg: IBAUConfig, x1: Tensor, y1: Tensor) -> Callable[[Tensor], Tensor]:
+    """``L_in(δ, θ) = −CE(f(X1 + δ), Y1) + delta_reg·‖δ‖²`` on the round's first batch, true labels; reads ``x1``,
+    ``y1`` when called (a captured graph reads the buffers it was captured with)."""
+    def inner_loss(d: Tensor) -> Tensor:
+        inp = (x1 + d).clamp(0, 1) if cfg.clamp_images else x1 + d
+        return -F.cross_entropy(net(inp), y1) + cfg.delta_reg * (d * d).sum()
+
+    return inner_loss
+
+
+def outer_loss_fn(net: nn.Module, cfg: IBAUConfig, xj: Tensor, yj: Tensor, mask: Tensor) -> Callable[[Tensor], Tensor]:
+    """``L_out(δ, θ) = CE(f(Xj + Mj⊙δ), Yj)`` on outer batch j (``mask``: its (B_j, 1, 1, 1) 0/1 row mask)."""
+    def outer_loss(d: Tensor) -> Tensor:
+        inp = xj + mask * d
+        return F.cross_entropy(net(inp.clamp(0, 1) if cfg.clamp_images else inp), yj)
+
+    return outer_loss
+
+
+def captures(mode: Optional[bool], device: torch.device, steps: int) -> bool:
+    """Whether the hypergradient steps of one batch shape run as a CUDA graph: never off CUDA or with
+    ``cuda_graph=False``; always with ``True``; with ``None`` (auto) when the shape will run ``steps`` >=
+    :data:`GRAPH_MIN_STEPS` outer steps in the run (the capture must pay for itself)."""
+    if mode is False or torch.device(device).type != "cuda":
+        return False
+    return mode is True or steps >= GRAPH_MIN_STEPS
+
+
+class HypergradGraphs:
+    """The fast I-BAU's hypergradient step as CUDA graphs (:class:`~fastpurify.ops.CapturedHypergrad`), one per
+    (inner batch, outer batch) shape in a :class:`~fastpurify.ops.attack.GraphCache` of two entries (the full
+    batch and a ragged last one). Each entry owns static copies of X1, Y1, Xj, Yj, Mj and δ that its graph reads:
+    a call copies the step's inputs in and replays (7 launches instead of the solve's thousands); the first call
+    of a shape captures, and its result is the capture's last warm-up. The returned tensors are the graph's
+    outputs, overwritten by the next replay of the same shape — assign them to ``.grad`` and step before then.
+    ``capture``: the capturing class (tests pass an eager stand-in to check the buffers' wiring on a CPU).
+
+    Shapes: as :func:`fastpurify.ops.implicit_hypergrad`; returns ``(grads, {"outer_loss", "solver_iters"})``."""
+
+    def __init__(self, net: nn.Module, cfg: IBAUConfig, params: List[Tensor], capture=None,
+                 warmup: int = GRAPH_WARMUP) -> None:
+        self.net, self.cfg, self.params, self.capture, self.warmup = net, cfg, params, capture, warmup
+        self.cache = GraphCache(2)
+
+    @staticmethod
+    def key(x1: Tensor, xj: Tensor) -> tuple:
+        return str(x1.device), tuple(x1.shape), tuple(xj.shape), x1.dtype
+
+    def use(self, x1: Tensor, xj: Tensor, steps: int) -> bool:
+        """Whether this step replays (or captures) a graph: its shape was captured before, or :func:`captures`
+        says so for the ``steps`` outer steps the shape has left in the run (only falls: decided at first sight)."""
+        return self.key(x1, xj) in self.cache or captures(self.cfg.cuda_graph, x1.device, steps)
+
+    def __call__(self, x1: Tensor, y1: Tensor, xj: Tensor, yj: Tensor, mask: Tensor, delta: Tensor
+                 ) -> Tuple[List[Tensor], Dict[str, Tensor]]:
+        inputs = (x1, y1, xj, yj, mask, delta)
+        built: List[Any] = []
+
+        def build():
+            static = tuple(t.detach().clone() for t in inputs)
+            sx1, sy1, sxj, syj, smask, sdelta = static
+            cap = (self.capture or CapturedHypergrad)(inner_loss_fn(self.net, self.cfg, sx1, sy1),
+                               outer_loss_fn(self.net, self.cfg, sxj, syj, smask), sdelta, self.params,
+                               solver=self.cfg.solver, K=self.cfg.K, eta=self.cfg.inner_lr, tol=self.cfg.tol,
+                               warmup=self.warmup)
+            built.append(cap.first)
+            cap.first = None
+            return cap, static
+
+        cap, static = self.cache.get(self.key(x1, xj), build)
+        if built:  # just captured: the last warm-up computed this step
+            return built[0]
+        for dst, src in zip(static, inputs):
+            dst.copy_(src)
+        cap()
+        return cap.grads, cap.info
+
+
+def _optimizer(params: List[Tensor], cfg: IBAUConfig, dev: torch.device) -> torch.optim.Optimizer:
+    """θ's optimiser: the reference's on CPU; fused (one launch per step) where launches dominate
+    (``backend.launch_bound``), as the other fast paths do."""
+    if not launch_bound(dev):
+        return make_optimizer(params, cfg)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, amsgrad=cfg.amsgrad, fused=True)
+    return torch.optim.SGD(params, lr=cfg.lr, fused=True)
+
+
 def _ibau(net: nn.Module, data, cfg: FastIBAUConfig, loop) -> Dict[str, Any]:
+    dev = data.x.device
+    if cfg.cuda_graph is True and dev.type != "cuda":
+        raise ValueError(f"ibau: cuda_graph=True needs a CUDA device; the run is on {dev} (use cuda_graph=None: "
+                         "graphs on CUDA where they pay, none elsewhere)")
     net.eval()
     params = [p for p in net.parameters() if p.requires_grad]
-    opt = make_optimizer(params, cfg)
+    opt = _optimizer(params, cfg, dev)
     loop.track(optimizer=opt)  # θ's optimizer is the only state carried across rounds (δ restarts at 0)
-    dev = data.x.device
+    graphs = HypergradGraphs(net, cfg, params)  # captures nothing off CUDA (graphs.use says so)
     pert = torch.zeros((1, *data.x.shape[1:]), device=dev)
     for _ in loop.rounds():
         # drawn whole (both passes use them); the time budget is checked at each step instead
@@ -146,25 +265,23 @@ def _ibau(net: nn.Module, data, cfg: FastIBAUConfig, loop) -> Dict[str, Any]:
         pert = p["delta"]
 
         x1, y1 = xs[0], ys[0]
-
-        def inner_loss(d: Tensor, x1=x1, y1=y1) -> Tensor:  # L_in(δ, θ) on the first batch, true labels
-            inp = (x1 + d).clamp(0, 1) if cfg.clamp_images else x1 + d
-            return -F.cross_entropy(net(inp), y1) + cfg.delta_reg * (d * d).sum()
-
+        inner_loss = inner_loss_fn(net, cfg, x1, y1)
+        rounds_left = loop.total_rounds - loop.round
         outer_sum = torch.zeros((), device=dev)
         iters_sum = torch.zeros((), device=dev)
         steps = 0
         for xj, yj, mask in zip(xs, ys, _row_masks(xs, cfg.outer_portion, loop.generator, dev)):
             if loop.out_of_time("hypergrad"):
                 break
-
-            def outer_loss(d: Tensor, xj=xj, yj=yj, mask=mask) -> Tensor:  # L_out = CE(f(Xj + Mj⊙δ), Yj)
-                inp = xj + mask * d
-                return F.cross_entropy(net(inp.clamp(0, 1) if cfg.clamp_images else inp), yj)
-
             with loop.phase("hypergrad"):
-                grads, info = implicit_hypergrad(inner_loss, outer_loss, pert, params, solver=cfg.solver, K=cfg.K,
-                                                 eta=cfg.inner_lr, tol=cfg.tol, check="none", return_info=True)
+                # the outer steps this batch shape will run in the rest of the run (the auto rule's count)
+                same = sum(x.shape == xj.shape for x in xs) * rounds_left
+                if graphs.use(x1, xj, same):
+                    grads, info = graphs(x1, y1, xj, yj, mask, pert)
+                else:
+                    grads, info = implicit_hypergrad(inner_loss, outer_loss_fn(net, cfg, xj, yj, mask), pert, params,
+                                                     solver=cfg.solver, K=cfg.K, eta=cfg.inner_lr, tol=cfg.tol,
+                                                     check="none", return_info=True)
                 loop.check_finite(info["outer_loss"], "outer loss")
                 for prm, g in zip(params, grads):
                     prm.grad = g
@@ -187,8 +304,9 @@ def ibau(model: nn.Module, clean_data, **kwargs) -> PurifyResult:
 
     Same arguments, defaults and result as :func:`fastpurify.reference.defenses.ibau.ibau` (the fields of
     :class:`~fastpurify.reference.defenses.ibau.IBAUConfig` and the common options), plus ``precision``
-    (``"fp32"`` | ``"bf16"``). ``clean_data``: labelled clean images, ``x`` N×C×H×W in [0, 1], ``y`` (N,).
-    ``history`` holds per round the mean outer loss, the perturbation loss, ‖δ‖ and the solver iterations;
+    (``"fp32"`` | ``"bf16"``) and ``cuda_graph`` (``None``: auto on CUDA, ``True`` | ``False``). ``clean_data``:
+    labelled clean images, ``x`` N×C×H×W in [0, 1], ``y`` (N,). ``history`` holds per round the mean outer loss,
+    the perturbation loss, ‖δ‖ and the solver iterations;
     ``info["delta"]`` is the last round's δ (1×C×H×W, CPU). See the module docstring for what is faster and
     why it is the same method.
 

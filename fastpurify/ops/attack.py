@@ -103,6 +103,61 @@ def _same_architecture(f: nn.Module, f0: nn.Module) -> bool:
     return a == b
 
 
+#: How many captured attack graphs a :class:`SharedPGD` keeps: an epoch needs two (the full batch and a ragged
+#: last one); two more cover an evaluation batch or a second batch size before the oldest is dropped.
+GRAPH_CACHE_SIZE = 4
+
+
+class GraphCache:
+    """A small least-recently-used cache of whatever is built once per key — here CUDA graphs and their static
+    buffers, keyed by everything a capture depends on (shapes, dtypes, device, layout choices). A key seen before
+    is a hit; a new key is built with ``build()`` and, past ``capacity``, the least recently used entry is
+    dropped (its graph and memory pool are freed once nothing else holds them). Plain Python, so the logic is
+    tested without a GPU; ``captures``/``hits``/``evictions`` count what happened.
+
+    Example::
+
+        >>> cache = GraphCache(2)
+        >>> [cache.get(k, lambda k=k: k * 10) for k in (1, 2, 1, 3)], cache.keys(), cache.captures
+        ([10, 20, 10, 30], [1, 3], 3)
+    """
+
+    def __init__(self, capacity: int = GRAPH_CACHE_SIZE) -> None:
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(f"GraphCache: capacity must be an integer >= 1, got {capacity!r}")
+        self.capacity = capacity
+        self._entries: Dict[Any, Any] = {}  # insertion order = recency order (a hit moves its key to the end)
+        self.captures = self.hits = self.evictions = 0
+
+    def get(self, key: Any, build: Callable[[], Any]) -> Any:
+        """The entry of ``key``, built by ``build()`` when absent (evicting the least recently used one when
+        full). A ``build`` that raises leaves the cache as it was."""
+        if key in self._entries:
+            self.hits += 1
+            entry = self._entries.pop(key)
+        else:
+            entry = build()
+            self.captures += 1
+            while len(self._entries) >= self.capacity:
+                del self._entries[next(iter(self._entries))]
+                self.evictions += 1
+        self._entries[key] = entry
+        return entry
+
+    def keys(self) -> list:
+        """The cached keys, least recently used first."""
+        return list(self._entries)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: Any) -> bool:
+        return key in self._entries
+
+
 class _Stacked:
     """Both models as one ``torch.func`` call over stacked parameters: one launch per layer for the two models
     (a grouped convolution), i.e. SAU's two forwards on the same x+δ batched into one. Built once per
@@ -112,11 +167,15 @@ class _Stacked:
     def __init__(self, f: nn.Module, f0: nn.Module):
         import copy
 
-        from torch.func import functional_call, stack_module_state
+        from torch.func import functional_call
 
         self.models = (f, f0)
-        params, buffers = stack_module_state([f, f0])
-        self.state = ({k: v.detach() for k, v in params.items()}, buffers)
+        # Stacked by hand from detached tensors: torch.func.stack_module_state refuses two models whose parameters
+        # differ in requires_grad, which SAU's are (f is trained, f0 frozen); the attack needs no weight gradient.
+        pa, pb = dict(f.named_parameters()), dict(f0.named_parameters())
+        ba, bb = dict(f.named_buffers()), dict(f0.named_buffers())
+        self.state = ({k: torch.stack([pa[k].detach(), pb[k].detach()]) for k in pa},
+                      {k: torch.stack([ba[k], bb[k]]) for k in ba})
         base = copy.deepcopy(f).to("meta")
 
         def call(p, b, t):
@@ -141,8 +200,11 @@ class _Stacked:
 
 class SharedPGD:
     """SAU's inner maximisation, configured once and called per batch (see :func:`shared_pgd`, which builds
-    one per call). Holding one across batches lets ``cuda_graph=True`` capture a whole attack step once (for
-    a fixed batch shape) and replay it: the step's ~150-300 launches become one graph launch.
+    one per call). Holding one across batches lets ``cuda_graph=True`` capture a whole attack step once per
+    batch shape and replay it: the step's ~150-300 launches become one graph launch. The graphs live in
+    :attr:`graphs`, a :class:`GraphCache` of :data:`GRAPH_CACHE_SIZE` entries keyed by :meth:`graph_key`, so an
+    epoch's ragged last batch is captured once and both shapes are replayed from then on (a cache of one shape
+    recaptured twice per epoch: the last batch's shape, then the full one again).
 
     Example::
 
@@ -179,7 +241,7 @@ class SharedPGD:
         self.normalization, self.early_exit, self.stacked = normalization, early_exit, stacked
         self.cuda_graph, self.backend = cuda_graph, backend
         self.loss_fn = loss_fn  # None: the fused dual_logit_loss op on CUDA, the eager formula on CPU
-        self._graph = None  # (key, graph, static buffers) once captured
+        self.graphs = GraphCache()  # graph_key -> (graph, static state, mean, std)
         self._stack: Optional[_Stacked] = None
 
     # -- pieces ------------------------------------------------------------------------------------------
@@ -242,14 +304,15 @@ class SharedPGD:
             st[k].copy_(v)
         return graph
 
-    # -- the call ----------------------------------------------------------------------------------------
+    def graph_key(self, x: Tensor, y: Tensor, stacked: bool) -> tuple:
+        """What a captured step depends on besides this attack's fixed settings: the device, the batch's shape
+        and dtypes, and whether the two models run stacked. One graph (and its static buffers) per key."""
+        return str(x.device), tuple(x.shape), x.dtype, y.dtype, bool(stacked)
 
-    def __call__(self, x: Tensor, y: Tensor, generator: Optional[torch.Generator] = None
-                 ) -> Tuple[Tensor, Dict[str, Any]]:
-        _check_xy(x, y, "shared_pgd")
+    def _prepare(self, x: Tensor, y: Tensor, generator: Optional[torch.Generator]):
+        """The attack's constants and initial state (all on x's device): ``(state, forward, mean, std, stacked,
+        early_exit)``."""
         dev = x.device
-        if self.cuda_graph and dev.type != "cuda":
-            raise ValueError(f"shared_pgd: cuda_graph=True needs CUDA tensors; x is on {dev}")
         # Strategies for launch-bound devices (backend.launch_bound): the early exit decided on the device (no
         # host sync per step) and both models stacked into one batched forward; on CPU a host test costs no
         # launch, and the unstacked forwards keep the reference's δ bit for bit (tests/test_fast_sau.py).
@@ -281,18 +344,34 @@ class SharedPGD:
                  "done": torch.zeros((), dtype=torch.int64, device=dev)}
         for k in ("adv", "adv0", "shared"):
             fresh[k] = torch.zeros(x.shape[0], dtype=torch.bool, device=dev)
+        return fresh, forward, mean, std, stacked, early_exit
 
+    def _replayed(self, fresh: Dict[str, Tensor], forward, mean, std, stacked: bool) -> Dict[str, Tensor]:
+        """The ``steps`` steps by replaying the graph of this batch's key (captured on its first use). The graph
+        reads and writes its entry's static buffers, so the batch is copied in and the result copied out; the
+        normalisation's mean/std are kept in the entry too (a graph reads the memory it was captured with)."""
+        def build():
+            st = {k: v.clone(memory_format=torch.preserve_format) for k, v in fresh.items()}
+            m, s = (None, None) if mean is None else (mean.clone(), std.clone())
+            return self._capture(st, forward, m, s), st, m, s
+
+        graph, st, _, _ = self.graphs.get(self.graph_key(fresh["x"], fresh["y"], stacked), build)
+        for k, v in fresh.items():
+            st[k].copy_(v)
+        for _ in range(self.steps):
+            graph.replay()
+        return {k: v.clone() for k, v in st.items()}
+
+    # -- the call ----------------------------------------------------------------------------------------
+
+    def __call__(self, x: Tensor, y: Tensor, generator: Optional[torch.Generator] = None
+                 ) -> Tuple[Tensor, Dict[str, Any]]:
+        _check_xy(x, y, "shared_pgd")
+        if self.cuda_graph and x.device.type != "cuda":
+            raise ValueError(f"shared_pgd: cuda_graph=True needs CUDA tensors; x is on {x.device}")
+        fresh, forward, mean, std, stacked, early_exit = self._prepare(x, y, generator)
         if self.cuda_graph:
-            key = (tuple(x.shape), y.dtype, stacked)
-            if self._graph is None or self._graph[0] != key:
-                st = {k: v.clone(memory_format=torch.preserve_format) for k, v in fresh.items()}
-                self._graph = (key, self._capture(st, forward, mean, std), st)
-            _, graph, st = self._graph
-            for k, v in fresh.items():  # the graph reads and writes these static buffers
-                st[k].copy_(v)
-            for _ in range(self.steps):
-                graph.replay()
-            st = {k: v.clone() for k, v in st.items()}
+            st = self._replayed(fresh, forward, mean, std, stacked)
         else:
             st = fresh
             for _ in range(self.steps):

@@ -530,10 +530,12 @@ class CapturedHypergrad:
 
     The graph reads the tensors the closures and ``delta`` refer to at capture time and writes the same output
     tensors at every replay: the caller updates ``delta`` and the closures' input batches **in place**
-    (``copy_``) and reads :attr:`grads` after :meth:`__call__` (copy them if they must survive the next replay).
-    ``tol`` must be None (a tolerance test would need a data-dependent stop) and ``check`` "none". Warm-up runs
-    on a side stream first, as CUDA-graph capture requires; parameters may change in place between replays
-    (an optimizer step does). CUDA tensors only.
+    (``copy_``) and reads :attr:`grads` and :attr:`info` (``outer_loss``, ``solver_iters``) after
+    :meth:`__call__` (copy them if they must survive the next replay). ``tol`` is tested on the device as in the
+    eager solve (masked updates, no data-dependent stop), and ``check`` is "none". Warm-up runs on a side stream
+    first, as CUDA-graph capture requires; the last warm-up computes the step for the inputs present at
+    construction, and :attr:`first` holds its ``(grads, info)`` (that step needs no replay; set it to None once
+    read). Parameters may change in place between replays (an optimizer step does). CUDA tensors only.
 
     Example (CUDA only)::
 
@@ -545,7 +547,7 @@ class CapturedHypergrad:
 
     def __init__(self, inner_loss: Callable[[Tensor], Tensor], outer_loss: Callable[[Tensor], Tensor],
                  delta: Tensor, params: Sequence[Tensor], *, solver: str = "fixed_point", K: int = 5,
-                 eta: float = 0.1, warmup: int = 3):
+                 eta: float = 0.1, tol: Optional[float] = None, warmup: int = 3):
         if not isinstance(delta, Tensor) or not delta.is_cuda:
             raise ValueError("CapturedHypergrad: CUDA graphs need CUDA tensors; delta is on "
                              f"{getattr(delta, 'device', type(delta).__name__)} (call implicit_hypergrad instead)")
@@ -554,18 +556,22 @@ class CapturedHypergrad:
         self.delta, self.params = delta, list(params)
 
         def run():
-            return implicit_hypergrad(inner_loss, outer_loss, delta, self.params, solver=solver, K=K, eta=eta,
-                                      tol=None, check="none")
+            grads, info = implicit_hypergrad(inner_loss, outer_loss, delta, self.params, solver=solver, K=K, eta=eta,
+                                             tol=tol, check="none", return_info=True)
+            return grads, {"outer_loss": info["outer_loss"], "solver_iters": info["solver_iters"]}
 
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
+        here, side = torch.cuda.current_stream(), torch.cuda.Stream()
+        side.wait_stream(here)
         with torch.cuda.stream(side):
             for _ in range(warmup):
-                run()
-        torch.cuda.current_stream().wait_stream(side)
+                first = run()
+        here.wait_stream(side)
+        for t in [*first[0], *first[1].values()]:  # made on the side stream, read on this one
+            t.record_stream(here)
+        self.first: Optional[Tuple[List[Tensor], Dict[str, Tensor]]] = first
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.grads: List[Tensor] = run()
+            self.grads, self.info = run()
 
     def __call__(self) -> List[Tensor]:
         """Replay the captured solve on the current contents of the static inputs; returns :attr:`grads`."""
