@@ -1,6 +1,6 @@
 """Reference BAERASE (fastpurify/reference/defenses/baerase.py): the math pieces (DV bound, MINE's corrected
 objective, stamping, the batched per-class networks), the contract, and that it detects the target and purifies
-a tiny backdoored model.
+a tiny backdoored model, on every available device (cuda when present).
 
 The tiny model (3 conv layers, 16/32/64 channels) is trained once per module on 1,500 synthetic images with a
 3×3 white patch at a random position per poisoned image (20 % poisoned, target 0): about 94 % ACC and 91 % ASR.
@@ -21,14 +21,22 @@ from fastpurify.defenses._loop import PurifyResult
 from fastpurify.metrics import evaluate
 from fastpurify.reference.defenses.baerase import Generator, Mine, baerase, dv_bound, location, mine_loss, stamp
 
+# conftest's: the CPU, and CUDA marked gpu (a module-scoped fixture cannot take the function-scoped `device`)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu, id="cuda")]
+
 
 def _tiny(num_classes: int = 10) -> nn.Module:
     return tiny_cnn(64, num_classes=num_classes)
 
 
-def _same(a: nn.Module, b: nn.Module) -> bool:
+def _same(a: nn.Module, b: nn.Module, device=None) -> bool:
+    """Bit-equal states; on CUDA within 1e-5 relative, since cuDNN may pick another algorithm (and sum in another
+    order) from one call to the next (not measured on a GPU here)."""
     sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    if device is None or torch.device(device).type == "cpu":
+        return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    return sa.keys() == sb.keys() and all(torch.allclose(sa[k].float(), sb[k].float(), rtol=1e-5, atol=1e-6)
+                                          for k in sa)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -54,11 +62,12 @@ def clean():
 SMALL = dict(hidden_size=64, recovery_epochs=3, batch_size=32, gen_lr=2e-3)
 
 
-@pytest.fixture(scope="module")
-def detected(backdoored, clean):
+@pytest.fixture(scope="module", params=DEVICES)
+def detected(request, backdoored, clean):
+    """The detection run on each available device (one module-scoped run per device)."""
     before = copy.deepcopy(backdoored)
-    result = baerase(backdoored, clean, target=None, epochs=2, progress=False, seed=0, **SMALL)
-    return before, result
+    result = baerase(backdoored, clean, target=None, epochs=2, progress=False, seed=0, device=request.param, **SMALL)
+    return before, result, torch.device(request.param)
 
 
 # ---------------------------------------------------------------------------------------------- the math
@@ -119,10 +128,10 @@ def test_stamp_and_location():
     assert location(32, 30, 3, "corner", g) == (29, 27)
 
 
-def test_batched_generators_are_independent():
+def test_batched_generators_are_independent(device):
     torch.manual_seed(0)
-    gen = Generator(3, 8, 27, 16).train()
-    z = torch.rand(3, 5, 8)
+    gen = Generator(3, 8, 27, 16).train().to(device)
+    z = torch.rand(3, 5, 8, device=device)
     out = gen(z)
     assert out.shape == (3, 5, 27) and 0 < out.min() and out.max() < 1
     out[1].sum().backward()  # only generator 1's weights get gradients (BatchNorm statistics are per class)
@@ -141,7 +150,7 @@ def test_batched_generators_are_independent():
 
 
 def test_detects_target_and_lowers_attack_success(backdoored, detected):
-    _, result = detected
+    _, result, _ = detected
     assert isinstance(result, PurifyResult) and result.status == "completed"
     info = result.info
     assert info["detected_target"] == 0 and info["target"] == 0
@@ -160,27 +169,32 @@ def test_detects_target_and_lowers_attack_success(backdoored, detected):
 
 
 def test_user_model_not_mutated_unless_inplace(backdoored, detected, clean):
-    before, _ = detected
+    before, _, device = detected
     assert _same(backdoored, before)
     target = copy.deepcopy(before)
     r = baerase(target, clean, target=0, epochs=1, recovery_epochs=1, hidden_size=16, batch_size=64,
-                stop_rate=None, progress=False, inplace=True)
+                stop_rate=None, progress=False, inplace=True, device=device)
     assert r.model is target and not _same(target, before)
 
 
-def test_deterministic_under_seed(backdoored, clean):
-    kw = dict(target=0, epochs=1, recovery_epochs=1, hidden_size=16, batch_size=64, stop_rate=None, progress=False)
+def test_deterministic_under_seed(backdoored, clean, device):
+    kw = dict(target=0, epochs=1, recovery_epochs=1, hidden_size=16, batch_size=64, stop_rate=None, progress=False,
+              device=device)
     a = baerase(backdoored, clean, seed=3, **kw)
     b = baerase(backdoored, clean, seed=3, **kw)
     c = baerase(backdoored, clean, seed=4, **kw)
-    assert _same(a.model, b.model) and a.info["class_scores"] == b.info["class_scores"]
-    assert a.history[0]["loss"] == b.history[0]["loss"]
-    assert not _same(a.model, c.model)
+    assert _same(a.model, b.model, device)
+    if device.type == "cpu":
+        assert a.info["class_scores"] == b.info["class_scores"] and a.history[0]["loss"] == b.history[0]["loss"]
+    else:  # counts of images may move by one where a logit sits on a tie; the loss by rounding
+        assert a.info["class_scores"] == pytest.approx(b.info["class_scores"], abs=1.5 / 160)
+        assert a.history[0]["loss"] == pytest.approx(b.history[0]["loss"], rel=1e-5)
+    assert not _same(a.model, c.model, device)
 
 
-def test_early_stop_on_generated_patches(backdoored, clean):
+def test_early_stop_on_generated_patches(backdoored, clean, device):
     # A threshold every flip rate is below stops after the first unlearning epoch; None never stops.
-    kw = dict(target=3, epochs=3, recovery_epochs=1, hidden_size=16, batch_size=64, progress=False)
+    kw = dict(target=3, epochs=3, recovery_epochs=1, hidden_size=16, batch_size=64, progress=False, device=device)
     r = baerase(backdoored, clean, stop_rate=1.01, **kw)
     assert r.info["stopped_early"] == 1 and len(r.history) == 1 and "patch_flip_rate" in r.history[0]
     assert r.info["target"] == 3 and "detected_target" not in r.info

@@ -1,5 +1,6 @@
 """Reference BCU: layer groups from the structure, the re-initialisation rates, distillation that lowers
-the attack success of a backdoored model without labels, determinism, validation."""
+the attack success of a backdoored model without labels, determinism, validation; the runs on every available
+device (cuda when present)."""
 
 import pytest
 import torch
@@ -62,9 +63,9 @@ def test_reinitialize_replaces_the_expected_fraction():
             assert torch.equal(v, ref[k]), k
 
 
-def test_bcu_lowers_attack_success_without_labels(backdoored):
+def test_bcu_lowers_attack_success_without_labels(backdoored, device):
     b = backdoored
-    r = bcu(b["model"], b["x"], epochs=8, batch_size=64, progress=False, seed=0)
+    r = bcu(b["model"], b["x"], epochs=8, batch_size=64, progress=False, seed=0, device=device)
     after = evaluate(r.model, b["x_test"], b["y_test"], trigger=b["trigger"], target=b["target"])
     assert after.asr < b["before"].asr - 40, (b["before"], after)
     assert r.status == "completed" and len(r.history) == 8 and r.history[-1]["temperature"] == pytest.approx(4.0)
@@ -72,16 +73,23 @@ def test_bcu_lowers_attack_success_without_labels(backdoored):
     assert not r.model.training  # the fixture model was in eval mode
 
 
-def test_bcu_is_deterministic_and_ignores_labels(backdoored):
+def _same(a, b, device) -> bool:
+    """Bit-equal states; on CUDA within 1e-5 relative, since cuDNN may pick another algorithm (and sum in another
+    order) from one call to the next (not measured on a GPU here)."""
+    pairs = list(zip(a.state_dict().values(), b.state_dict().values()))
+    if device.type == "cpu":
+        return all(torch.equal(u, v) for u, v in pairs)
+    return all(torch.allclose(u.float(), v.float(), rtol=1e-5, atol=1e-6) for u, v in pairs)
+
+
+def test_bcu_is_deterministic_and_ignores_labels(backdoored, device):
     b = backdoored
-    kw = dict(epochs=1, batch_size=100, progress=False, seed=7)
+    kw = dict(epochs=1, batch_size=100, progress=False, seed=7, device=device)
     r1 = bcu(b["model"], b["x"][:200], **kw)
     r2 = bcu(b["model"], (b["x"][:200], b["y"][:200]), **kw)
-    for p1, p2 in zip(r1.model.state_dict().values(), r2.model.state_dict().values()):
-        assert torch.equal(p1, p2)
+    assert _same(r1.model, r2.model, device)
     r3 = bcu(b["model"], b["x"][:200], **dict(kw, seed=8))
-    assert any(not torch.equal(p1, p3) for p1, p3 in zip(r1.model.state_dict().values(),
-                                                         r3.model.state_dict().values()))
+    assert not _same(r1.model, r3.model, device)
 
 
 @pytest.mark.parametrize("kw,error,match", [

@@ -1,5 +1,5 @@
 """The SAU reference (fastpurify/reference/defenses/sau.py): the shared-PGD and unlearning pieces on hand-made
-models, then the whole defense on a tiny backdoored network.
+models, then the whole defense on a tiny backdoored network, on every available device (cuda when present).
 
 The backdoor is an additive ±0.1 pattern: it lies inside SAU's L∞ ball (ε = 0.2), so unlearning the shared
 adversarial examples must remove it. (With a BadNets white patch, the shared adversarial labels of this
@@ -43,8 +43,12 @@ def _weights(model: nn.Module):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _same(a, b) -> bool:
-    return all(torch.equal(a[k], b[k]) for k in a)
+def _same(a, b, device=None) -> bool:
+    """Bit-equal state dicts; on CUDA within 1e-5 relative, since cuDNN may pick another algorithm (and sum in
+    another order) from one call to the next (not measured on a GPU here)."""
+    if device is None or torch.device(device).type == "cpu":
+        return all(torch.equal(a[k], b[k]) for k in a)
+    return all(torch.allclose(a[k].float(), b[k].float(), rtol=1e-5, atol=1e-6) for k in a)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -68,14 +72,14 @@ class MeanNet(nn.Module):
         return torch.stack([self.threshold - m, m - self.threshold], dim=1) * self.scale
 
 
-def test_shared_pgd_values_stay_in_the_linf_set():
+def test_shared_pgd_values_stay_in_the_linf_set(device):
     torch.manual_seed(1)
-    net = _tiny().eval()
+    net = _tiny().eval().to(device)
     f0 = copy.deepcopy(net)
     with torch.no_grad():  # make f0 differ from f so the attack runs several steps
         for p in f0.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    x, y = torch.rand(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    x, y = torch.rand(16, 3, 32, 32, device=device), torch.randint(0, 10, (16,), device=device)
     d, info = shared_pgd(net, f0, x, y)
     # From +ε with step ε and clipping to [−ε, ε], every value is one of −ε, 0, +ε (the fast path relies on it).
     eps = 0.2
@@ -154,9 +158,9 @@ def test_unlearning_loss_matches_formula():
 # --------------------------------------------------------------------------------------------------------
 
 
-def test_runs_and_reports(backdoored):
+def test_runs_and_reports(backdoored, device):
     model, trigger, (x, y), (xt, yt) = backdoored
-    r = sau(model, (x[:128], y[:128]), epochs=1, batch_size=64, progress=False,
+    r = sau(model, (x[:128], y[:128]), epochs=1, batch_size=64, progress=False, device=device,
             eval_data=(xt[:100], yt[:100], trigger, TARGET))
     assert r.defense == "sau" and r.status == "completed" and len(r.history) == 1
     h = r.history[0]
@@ -167,21 +171,21 @@ def test_runs_and_reports(backdoored):
     assert r.config["eps"] == 0.2 and r.config["norm"] == "L_inf" and r.config["lr"] == 1e-4
 
 
-def test_deterministic_under_seed(backdoored):
+def test_deterministic_under_seed(backdoored, device):
     model, _, (x, y), _ = backdoored
     data = (x[:64], y[:64])
-    runs = [sau(model, data, epochs=1, batch_size=32, seed=s, progress=False).model for s in (7, 7, 8)]
+    runs = [sau(model, data, epochs=1, batch_size=32, seed=s, progress=False, device=device).model for s in (7, 7, 8)]
     a, b, c = (_weights(m) for m in runs)
-    assert _same(a, b)
-    assert not _same(a, c)  # the seed matters (batch order)
+    assert _same(a, b, device)
+    assert not _same(a, c, device)  # the seed matters (batch order)
     assert not _same(a, _weights(model))
 
 
-def test_lowers_attack_success(backdoored):
+def test_lowers_attack_success(backdoored, device):
     model, trigger, (x, y), (xt, yt) = backdoored
     before = evaluate(model, xt, yt, trigger=trigger, target=TARGET)
     assert before.asr > 90  # the toy backdoor works
-    r = sau(model, (x, y), epochs=3, batch_size=64, progress=False)  # published lr 1e-4, ε 0.2, 5 steps
+    r = sau(model, (x, y), epochs=3, batch_size=64, progress=False, device=device)  # published lr 1e-4, ε 0.2, 5 steps
     after = evaluate(r.model, xt, yt, trigger=trigger, target=TARGET)
     # Measured for seeds 0, 1, 2: ASR 100 -> 39.3 / 42.2 / 40.4 at ACC 91.7 -> 78.0 / 79.7 / 78.0.
     assert after.asr < before.asr - 40, (before, after)
@@ -208,25 +212,25 @@ def test_validates_inputs(backdoored):
         sau(model, data, lmd2=-1.0)
 
 
-def test_user_model_untouched_unless_inplace(backdoored):
+def test_user_model_untouched_unless_inplace(backdoored, device):
     model, _, (x, y), _ = backdoored
     user = copy.deepcopy(model).train()
     before = _weights(user)
-    r = sau(user, (x[:64], y[:64]), epochs=1, batch_size=64, progress=False)
+    r = sau(user, (x[:64], y[:64]), epochs=1, batch_size=64, progress=False, device=device)
     assert _same(before, _weights(user)) and user.training
     assert r.model is not user and r.model.training  # the copy comes back in the user's mode
     assert not _same(before, _weights(r.model))
 
-    r = sau(user, (x[:64], y[:64]), epochs=1, batch_size=64, progress=False, inplace=True)
+    r = sau(user, (x[:64], y[:64]), epochs=1, batch_size=64, progress=False, inplace=True, device=device)
     assert r.model is user and user.training
     assert not _same(before, _weights(user))
 
 
 @pytest.mark.parametrize("norm", ["L2", "L1", "Reg"])
-def test_other_norms_and_random_init_run(backdoored, norm):
+def test_other_norms_and_random_init_run(backdoored, norm, device):
     model, _, (x, y), _ = backdoored
     r = sau(model, (x[:32], y[:32]), epochs=1, batch_size=32, norm=norm, eps=2.0 if norm != "L1" else 50.0,
-            pgd_init="random", progress=False)
+            pgd_init="random", progress=False, device=device)
     assert r.status == "completed" and r.config["norm"] == norm
 
 
