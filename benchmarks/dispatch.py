@@ -1,25 +1,36 @@
-"""What each defense asks of the device per round: ATen ops dispatched and host-visible reads, reference against
-fast path, counted on CPU — and which of those ops a CUDA graph replaces on a GPU.
+"""What each defense asks of a GPU per round, counted on a CPU: ATen ops dispatched, host-visible reads and the
+host synchronisations they would be on CUDA, reference against fast path — and which ops a CUDA graph replaces.
 
 On a GPU a step at small batch is bound by launches and host synchronisation, not arithmetic (specs/kernels.md),
-and both are visible without a GPU: every ATen op the defense dispatches passes through a
-``TorchDispatchMode`` (:class:`OpCounter`; a non-view op is about one kernel launch on a GPU), and every read of
-a tensor's value on the host through a ``TorchFunctionMode`` (:class:`ReadCounter`: ``.item()``, ``bool()``,
-``float()``, ``int()``, ``.tolist()``, ``.numpy()``, formatting — on a GPU each waits for the device; ``.item()``
-and the casts dispatch ``aten::_local_scalar_dense``, ``.tolist()`` on a CPU tensor dispatches nothing, so the
-function mode is the one that sees them all), together with ``.to(device)`` / ``as_tensor(device=)`` calls
-(host-to-device copies: from pageable memory without ``non_blocking`` each one synchronises the stream on CUDA).
-Each op and read is attributed to the loop phase it ran in (``Loop.phase``) and, for the steps a fast path
-captures into a CUDA graph, to that graph; reads are also listed by call site.
+and both are visible without a GPU:
+
+- every ATen op passes through a ``TorchDispatchMode`` (:class:`OpCounter`; backward ops included; an op that is
+  not a view is about one kernel launch on a GPU);
+- every read of a tensor's value on the host passes through a ``TorchFunctionMode`` (:class:`ReadCounter`:
+  ``.item()``, ``bool()``, ``float()``, ``int()``, ``.tolist()``, ``.numpy()``, formatting). ``.item()`` and the
+  casts dispatch ``aten::_local_scalar_dense`` (counted too), but ``.tolist()`` of a CPU tensor dispatches
+  nothing, so only the function mode sees every read;
+- which of those events would synchronise the host with a GPU — a read of a *device* tensor (not of a host
+  generator's draw or a CPU optimizer counter), a blocking host-to-device copy (``torch.as_tensor(x,
+  device=)``, ``.to(device)`` of pageable memory), ``.cpu()`` of a device tensor, a data-dependent shape — is
+  decided by :class:`SyncCounter`, the CPU stand-in of ``fastpurify.testing.host_sync_check`` (it tracks which
+  tensors live on the host under CUDA semantics), here counting instead of raising.
+
+The fast paths run their GPU strategies (``backend.launch_bound`` -> True, as ``host_sync_check`` does: stacked
+models, device-side early exits, fused optimizers), so their counts are what a GPU run dispatches; ``--cpu`` counts
+the CPU strategies instead. Each count is attributed to its round, its loop phase (``Loop.phase``) and, for the
+steps a fast path captures into a CUDA graph, to that graph; syncs are also listed by call site.
 
 Workload (the issue's): the real SmallVGG BadNets checkpoint (``../shared/data/ibau/badnets_8_02_ckpt.pth``),
-the first 256 CIFAR-10 training images, ``fastpurify.bench.BENCH_SETTINGS`` with ``epochs`` = 1 and then 2
-(BAERASE told the target), one CPU thread, seed 0; the cost of a round is the second run minus the first. The
-counts do not depend on the thread count or the machine's speed (the time budget is off).
+the first 256 CIFAR-10 training images, ``fastpurify.bench.BENCH_SETTINGS`` with ``epochs=2`` (BAERASE told the
+target), one CPU thread, seed 0. *1 round* = the setup, the first round and what follows the last round; *+1
+round* = the second round (what a run with ``epochs=2`` dispatches beyond ``epochs=1``: the first round and the
+end are the same in both; checked against two runs, see ``--two-runs``). The counts do not depend on the thread
+count or the machine's speed (no time budget).
 
 Writes ``benchmarks/results/<device>/dispatch.json`` and ``dispatch.md``. Usage::
 
-    python benchmarks/dispatch.py                       # all five defenses, both paths (about 4 min on 1 thread)
+    python benchmarks/dispatch.py                       # all five defenses, both paths (~7 min of one core)
     python benchmarks/dispatch.py --defenses ibau --n-clean 128
     python benchmarks/dispatch.py --render              # dispatch.md again from dispatch.json
 """
@@ -29,12 +40,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import importlib
 import json
 import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -44,18 +56,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the repository, when fastpurify is not installed
 from _env import ROOT, device_tag, environment  # noqa: E402
 
+from fastpurify.testing import _HostSyncMode  # noqa: E402  (the CPU stand-in of CUDA's sync semantics)
+
 DEFAULT_DATA = ROOT.parent / "shared" / "data"
 TORCH_DIR = str(Path(torch.__file__).resolve().parent)
-GRAPH = "graph"  # the region name of a step a fast path captures into a CUDA graph
+GRAPH = "graph"  # the region of a step a fast path captures into a CUDA graph
+DEFENSES = ("sau", "ibau", "awm", "baerase", "bcu")
 
 # --------------------------------------------------------------------------------------------------------
 # The counters
 # --------------------------------------------------------------------------------------------------------
 
 
-def call_site(skip: str = __file__) -> str:
+def call_site() -> str:
     """``path:function`` of the innermost caller outside torch and this file (paths relative to the repository),
-    prefixed with the innermost torch function when the read happened inside torch (e.g. an optimizer)."""
+    prefixed with the innermost torch function when the event happened inside torch (e.g. an optimizer)."""
     f = sys._getframe(1)
     inner_torch = None
     while f is not None:
@@ -64,7 +79,7 @@ def call_site(skip: str = __file__) -> str:
             # the Tensor dunder wrappers (overrides.py, _tensor.py) are how a read is spelled, not who reads
             if inner_torch is None and not name.endswith(("overrides.py", "_tensor.py")):
                 inner_torch = f"torch/{Path(name).relative_to(TORCH_DIR)}:{f.f_code.co_name}"
-        elif name != skip and "contextlib" not in name:
+        elif name not in (__file__, _HOST_SYNC_FILE) and "contextlib" not in name:
             try:
                 where = str(Path(name).resolve().relative_to(ROOT))
             except ValueError:
@@ -75,139 +90,178 @@ def call_site(skip: str = __file__) -> str:
     return inner_torch or "?"
 
 
-class _Regions:
-    """The stack of named regions (loop phases, captured steps) the counts are attributed to."""
+_HOST_SYNC_FILE = sys.modules[_HostSyncMode.__module__].__file__
+
+
+class Regions:
+    """Where the counts go: the round (``"setup"``, 0, 1, …, ``"after"``), the loop phase and whether a
+    captured step is running. ``entries`` counts how often each region was entered (GRAPH: one replay each)."""
 
     def __init__(self) -> None:
         self.stack: List[str] = []
-        self.entries: Counter = Counter()  # name -> times entered (GRAPH: one graph replay each on a GPU)
+        self.round: Any = "setup"
+        self.entries: Counter = Counter()
 
     @contextlib.contextmanager
     def region(self, name: str):
         self.stack.append(name)
-        self.entries[name] += 1
+        self.entries[(self.round, name)] += 1
         try:
             yield
         finally:
             self.stack.pop()
 
-    def phase(self) -> str:
+    def key(self) -> Tuple[Any, str, bool]:
         names = [n for n in self.stack if n != GRAPH]
-        return names[-1] if names else "(outside phases)"
-
-    def captured(self) -> bool:
-        return GRAPH in self.stack
+        return self.round, (names[-1] if names else "(outside phases)"), GRAPH in self.stack
 
 
 class OpCounter(TorchDispatchMode):
-    """Counts every ATen op dispatched while active (autograd's backward ops included), per (phase, captured)
-    region; ``views`` are ops whose result aliases an input (no kernel on a GPU); ``scalar_dense`` counts
-    ``aten::_local_scalar_dense`` (what ``.item()``, ``bool()``, ``float()`` and ``int()`` dispatch)."""
+    """Every ATen op dispatched while active, per region key; ``views`` are ops whose result aliases an input (no
+    kernel on a GPU); ``scalar_dense`` counts ``aten::_local_scalar_dense``."""
 
-    def __init__(self, regions: Optional[_Regions] = None) -> None:
+    def __init__(self, regions: Regions) -> None:
         super().__init__()
-        self.regions = regions or _Regions()
-        self.ops: Counter = Counter()  # (phase, captured) -> ops
+        self.regions = regions
+        self.ops: Counter = Counter()
         self.views: Counter = Counter()
+        self.scalar_dense: Counter = Counter()
         self.by_name: Counter = Counter()
-        self.scalar_dense = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        key = (self.regions.phase(), self.regions.captured())
+        key = self.regions.key()
         self.ops[key] += 1
         self.by_name[func.name()] += 1
         returns = func._schema.returns
         if returns and returns[0].alias_info is not None and not returns[0].alias_info.is_write:
             self.views[key] += 1
         if func is torch.ops.aten._local_scalar_dense.default:
-            self.scalar_dense += 1
+            self.scalar_dense[key] += 1
         return func(*args, **(kwargs or {}))
-
-    @property
-    def total(self) -> int:
-        return sum(self.ops.values())
 
 
 _READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__float__,
           torch.Tensor.__int__, torch.Tensor.__index__, torch.Tensor.numpy, torch.Tensor.__format__}
-_TO_DEVICE = {torch.Tensor.to, torch.as_tensor, torch.tensor, torch.Tensor.cuda}
-
-
-def _device_arg(func, args, kwargs) -> bool:
-    """Whether a ``.to(...)`` / ``as_tensor`` / ``tensor`` call names a device (a host-to-device copy on a GPU run
-    when its source is on the host)."""
-    if func is torch.Tensor.cuda:
-        return True
-    if kwargs.get("device") is not None:
-        return True
-    if func is torch.Tensor.to:
-        return any(isinstance(a, (torch.device, str, int)) and not isinstance(a, bool) for a in args[1:])
-    return False
 
 
 class ReadCounter(TorchFunctionMode):
-    """Counts host-visible reads of tensor values (each one waits for the device on a GPU) and device-naming
-    copies (``.to(device)`` and friends; ``blocking`` when not ``non_blocking=True``), per phase and per call
-    site. Reads made inside another read (``__format__`` calling ``item``) count once."""
+    """Every host read of a tensor's value (of host and device tensors alike), per region key and call site; a
+    read made inside another (``__format__`` calling ``item``) counts once."""
 
-    def __init__(self, regions: Optional[_Regions] = None) -> None:
+    def __init__(self, regions: Regions) -> None:
         super().__init__()
-        self.regions = regions or _Regions()
-        self.reads: Counter = Counter()  # (phase, captured) -> reads
-        self.read_sites: Counter = Counter()
-        self.copies: Counter = Counter()  # (phase, blocking) -> calls
-        self.copy_sites: Counter = Counter()
+        self.regions = regions
+        self.reads: Counter = Counter()
+        self.sites: Counter = Counter()
         self._depth = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in _READS and self._depth == 0:
-            self.reads[(self.regions.phase(), self.regions.captured())] += 1
-            self.read_sites[call_site()] += 1
-        elif func in _TO_DEVICE and self._depth == 0 and _device_arg(func, args, kwargs):
-            blocking = not kwargs.get("non_blocking", False)
-            self.copies[(self.regions.phase(), blocking)] += 1
-            self.copy_sites[(call_site(), blocking)] += 1
-        self._depth += func in _READS
+        read = func in _READS
+        if read and self._depth == 0:
+            self.reads[self.regions.key()] += 1
+            self.sites[(self.regions.round, call_site())] += 1
+        self._depth += read
         try:
-            return func(*args, **kwargs)
+            return func(*args, **(kwargs or {}))
         finally:
-            self._depth -= func in _READS
+            self._depth -= read
+
+
+class _Always:
+    """The scope of :class:`SyncCounter`: every call is inside a checked step."""
+
+    in_step = True
+
+
+class SyncCounter(_HostSyncMode):
+    """The CPU stand-in of ``fastpurify.testing.host_sync_check`` (host tensors tracked under CUDA semantics),
+    counting each would-be synchronisation per region key and ``(what, call site)`` instead of raising."""
+
+    def __init__(self, regions: Regions) -> None:
+        super().__init__(_Always())
+        self.regions = regions
+        self.syncs: Counter = Counter()
+        self.sites: Counter = Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        # formatting a 0-d tensor reads it through an item() the mode does not see (testing's stand-in misses it)
+        if func is torch.Tensor.__format__ and args and args[0].dim() == 0 and not self._is_host(args[0]):
+            self._event("__format__() reads a device tensor")
+        return super().__torch_function__(func, types, args, kwargs)
+
+    def _event(self, what: str) -> None:
+        self.syncs[self.regions.key()] += 1
+        self.sites[(self.regions.round, f"{_short(what)} at {call_site()}")] += 1
+
+
+_LABELS = ((" reads a device tensor", "read "), ("copies host data to the device", "blocking H2D "),
+           ("of a host tensor copies it", "blocking H2D "), ("copies a device tensor to the host", "D2H "),
+           ("from a host tensor waits", "blocking H2D "))
+
+
+def _short(what: str) -> str:
+    """The stand-in's event text, shortened: ``read tolist()``, ``blocking H2D torch.as_tensor(..., device=)``."""
+    for needle, label in _LABELS:
+        if needle in what:
+            return label + what.split(" ")[0].replace("(...,", "(device=)")
+    return what
 
 
 @contextlib.contextmanager
-def counting(patches: Sequence[Tuple[Any, str]] = ()):
-    """Count ops and reads inside the block: yields ``(ops, reads, regions)``. ``Loop.phase`` is wrapped so that
-    counts fall into the phase they ran in; each ``(owner, attribute)`` of ``patches`` names a function to run in
-    the :data:`GRAPH` region (the steps a fast path captures on CUDA)."""
+def counting(patches: Sequence[Tuple[Any, str]] = (), gpu_strategies: bool = False):
+    """Count inside the block; yields ``(ops, reads, syncs, regions)``. ``Loop.rounds`` and ``Loop.phase`` are
+    wrapped so that counts fall into their round and phase; each ``(owner, attribute)`` of ``patches`` names a
+    function run in the :data:`GRAPH` region (a step a fast path captures on CUDA); ``gpu_strategies`` makes
+    ``backend.launch_bound`` say True in every fastpurify module (the strategies a GPU run takes)."""
+    from fastpurify import backend
     from fastpurify.defenses._loop import Loop
 
-    regions = _Regions()
-    ops, reads = OpCounter(regions), ReadCounter(regions)
-    saved = [(Loop, "phase", Loop.phase)]
-    plain_phase = Loop.phase
+    regions = Regions()
+    counters = OpCounter(regions), ReadCounter(regions), SyncCounter(regions)
+    saved: List[Tuple[Any, str, Any]] = []
+
+    def patch(owner, attr, value):
+        saved.append((owner, attr, owner.__dict__[attr] if isinstance(owner, type) else getattr(owner, attr)))
+        setattr(owner, attr, value)
+
+    plain_phase, plain_rounds = Loop.phase, Loop.rounds
 
     @contextlib.contextmanager
     def phase(self, name, **kw):
         with plain_phase(self, name, **kw), regions.region(name):
             yield
 
-    Loop.phase = phase
-    for owner, attr in patches:
-        fn = getattr(owner, attr)
-        saved.append((owner, attr, fn))
+    def rounds(self):
+        gen = plain_rounds(self)
+        try:
+            for r in gen:  # a round's end (_end_round, _round_done) runs in the next() after its body: still r
+                regions.round = r
+                yield r
+        finally:
+            gen.close()
+            regions.round = "after"
 
-        def wrapped(*a, _fn=fn, **kw):
+    def in_graph(fn):
+        def wrapped(*a, **kw):
             with regions.region(GRAPH):
-                return _fn(*a, **kw)
+                return fn(*a, **kw)
+        return wrapped
 
-        setattr(owner, attr, wrapped)
     try:
-        with reads, ops:
-            yield ops, reads, regions
+        patch(Loop, "phase", phase)
+        patch(Loop, "rounds", rounds)
+        for owner, attr in patches:
+            patch(owner, attr, in_graph(getattr(owner, attr)))
+        if gpu_strategies:
+            original = backend.launch_bound
+            for mod in [m for n, m in list(sys.modules.items()) if n.startswith("fastpurify") and m is not None]:
+                if getattr(mod, "launch_bound", None) is original:
+                    patch(mod, "launch_bound", lambda device: True)
+        with counters[2], counters[1], counters[0]:
+            yield (*counters, regions)
     finally:
-        for owner, attr, fn in reversed(saved):
-            setattr(owner, attr, fn)
+        for owner, attr, value in reversed(saved):
+            setattr(owner, attr, value)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -221,10 +275,7 @@ def captured_steps(name: str, path: str) -> List[Tuple[Any, str]]:
     (``SharedPGD._step``, captured with ``cuda_graph=True``)."""
     if path != "fast":
         return []
-    if name == "ibau":
-        import importlib
-
-        # the module (the package attribute of the same name is the defense function)
+    if name == "ibau":  # the module (the package attribute of the same name is the defense function)
         return [(importlib.import_module("fastpurify.defenses.ibau"), "implicit_hypergrad")]
     if name == "sau":
         from fastpurify.ops.attack import SharedPGD
@@ -234,143 +285,152 @@ def captured_steps(name: str, path: str) -> List[Tuple[Any, str]]:
 
 
 def defense_fn(name: str, path: str) -> Callable:
-    import importlib
-
-    if path == "fast":
-        return getattr(importlib.import_module(f"fastpurify.defenses.{name}"), name)
-    return getattr(importlib.import_module(f"fastpurify.reference.defenses.{name}"), name)
+    pkg = "fastpurify.defenses" if path == "fast" else "fastpurify.reference.defenses"
+    return getattr(importlib.import_module(f"{pkg}.{name}"), name)
 
 
-def count_run(name: str, path: str, model, data, settings: Dict[str, Any], seed: int = 0) -> Dict[str, Any]:
-    """One run of a defense under the counters; returns the counts (and the run's wall time, for the record)."""
-    fn = defense_fn(name, path)
-    t0 = time.perf_counter()
-    with counting(captured_steps(name, path)) as (ops, reads, regions):
-        r = fn(copy.deepcopy(model), data, progress=False, seed=seed, **settings)
-    phases = sorted({k[0] for k in ops.ops} | {k[0] for k in reads.reads})
+def _sum(counter: Counter, rounds: Sequence[Any], **match) -> int:
+    """The counts whose key's round is in ``rounds`` (and whose phase/captured equal ``match``'s)."""
+    out = 0
+    for (r, phase, captured), v in counter.items():
+        if r in rounds and match.get("phase", phase) == phase and match.get("captured", captured) == captured:
+            out += v
+    return out
+
+
+def summarize(ops: OpCounter, reads: ReadCounter, syncs: SyncCounter, regions: Regions, rounds: Sequence[Any]
+              ) -> Dict[str, Any]:
+    """The counts of ``rounds`` (round keys), with per-phase splits and the sync and read sites."""
+    phases = sorted({p for (r, p, _) in ops.ops if r in rounds})
     return {
-        "rounds": len(r.history), "seconds": time.perf_counter() - t0, "ops": ops.total,
-        "views": sum(ops.views.values()), "scalar_dense": ops.scalar_dense,
-        "reads": sum(reads.reads.values()),
-        "blocking_copies": sum(v for (_, b), v in reads.copies.items() if b),
-        "nonblocking_copies": sum(v for (_, b), v in reads.copies.items() if not b),
-        "captured_ops": sum(v for (_, c), v in ops.ops.items() if c),
-        "captured_views": sum(v for (_, c), v in ops.views.items() if c),
-        "captured_reads": sum(v for (_, c), v in reads.reads.items() if c),
-        "graph_steps": regions.entries[GRAPH],
-        "phases": {p: {"ops": sum(v for (q, _), v in ops.ops.items() if q == p),
-                       "captured_ops": ops.ops.get((p, True), 0),
-                       "reads": sum(v for (q, _), v in reads.reads.items() if q == p),
-                       "blocking_copies": reads.copies.get((p, True), 0)} for p in phases},
-        "read_sites": dict(reads.read_sites),
-        "copy_sites": {f"{s} ({'blocking' if b else 'non_blocking'})": v for (s, b), v in reads.copy_sites.items()},
+        "ops": _sum(ops.ops, rounds), "kernels": _sum(ops.ops, rounds) - _sum(ops.views, rounds),
+        "reads": _sum(reads.reads, rounds), "scalar_dense": _sum(ops.scalar_dense, rounds),
+        "syncs": _sum(syncs.syncs, rounds),
+        "graph_ops": _sum(ops.ops, rounds, captured=True),
+        "graph_kernels": _sum(ops.ops, rounds, captured=True) - _sum(ops.views, rounds, captured=True),
+        "graph_syncs": _sum(syncs.syncs, rounds, captured=True),
+        "graph_steps": sum(v for (r, n), v in regions.entries.items() if r in rounds and n == GRAPH),
+        "phases": {p: {"ops": _sum(ops.ops, rounds, phase=p),
+                       "graph_ops": _sum(ops.ops, rounds, phase=p, captured=True),
+                       "reads": _sum(reads.reads, rounds, phase=p), "syncs": _sum(syncs.syncs, rounds, phase=p)}
+                   for p in phases},
+        "sync_sites": _by_site(syncs.sites, rounds), "read_sites": _by_site(reads.sites, rounds),
     }
 
 
-def _minus(two: Dict[str, Any], one: Dict[str, Any]) -> Dict[str, Any]:
-    """The second round's cost: the 2-round counts minus the 1-round counts (also per phase and site)."""
-    out = {k: two[k] - one[k] for k in two if isinstance(two[k], (int, float)) and k != "seconds"}
-    out["phases"] = {p: {k: v - one["phases"].get(p, {}).get(k, 0) for k, v in d.items()}
-                     for p, d in two["phases"].items()}
-    for key in ("read_sites", "copy_sites"):
-        out[key] = {s: v - one[key].get(s, 0) for s, v in two[key].items() if v - one[key].get(s, 0)}
-    return out
+def _by_site(counter: Counter, rounds: Sequence[Any]) -> Dict[str, int]:
+    out: Counter = Counter()
+    for (r, site), v in counter.items():
+        if r in rounds:
+            out[site] += v
+    return dict(out)
+
+
+def count_run(name: str, path: str, model, data, settings: Dict[str, Any], *, gpu_strategies: bool = True,
+              seed: int = 0) -> Dict[str, Any]:
+    """One run of a defense under the counters: the counts of its first round (with the setup and the end) and
+    of each later round, and its wall time (for the record)."""
+    fn = defense_fn(name, path)
+    t0 = time.perf_counter()
+    with counting(captured_steps(name, path), gpu_strategies=gpu_strategies) as (ops, reads, syncs, regions):
+        r = fn(copy.deepcopy(model), data, progress=False, seed=seed, **settings)
+    n = len(r.history)
+    return {"rounds": n, "seconds": time.perf_counter() - t0,
+            "one": summarize(ops, reads, syncs, regions, ("setup", 0, "after")),
+            "later": [summarize(ops, reads, syncs, regions, (i,)) for i in range(1, n)],
+            "ops_by_name": dict(ops.by_name)}
 
 
 # --------------------------------------------------------------------------------------------------------
 # The tables
 # --------------------------------------------------------------------------------------------------------
 
-#: Per defense: what a CUDA graph replaces on a GPU, or why nothing is captured (dispatch.md says it under the
-#: tables; the reasons are the code's, read from fastpurify/defenses/<name>.py and _loop.py).
+#: Per defense: what a CUDA graph replaces on a GPU, or why nothing is captured (read from
+#: fastpurify/defenses/<name>.py and _loop.py; dispatch.md prints them under the tables).
 GRAPH_NOTES = {
     "sau": "**captured with `cuda_graph=True`** (not the default): each attack step (`SharedPGD._step`: both "
-           "forwards, the loss, the input gradient and the fused update) is one graph per batch shape "
-           "(`SharedPGD.graphs`, an LRU of 4: a ragged last batch gets its own graph instead of evicting the "
-           "full one), and the graph runs every step (early exit on the device) where the CPU count stops early. "
-           "The unlearning step is not captured: `loop.step(opt, loss)` runs the backward inside the loop.",
+           "models stacked, the fused loss, the input gradient and the fused update) is one graph per batch shape "
+           "(`SharedPGD.graphs`, an LRU of 4 entries: a ragged last batch gets its own graph instead of evicting "
+           "the full one), replayed `pgd_steps` times per batch. The unlearning step is not captured: it calls "
+           "`loop.step(opt, loss)`, which runs the backward inside the loop helper.",
     "ibau": "**captured on CUDA by default** (`cuda_graph=None`: a batch shape that repeats at least 3 times in "
-            "the run; `True`: every shape): the hypergradient step (`implicit_hypergrad`: outer gradients, inner "
-            "gradient graph, the K = 5 fixed-point solve, the mixed product) is one graph per (inner, outer) batch "
-            "shape (`HypergradGraphs`), fed by 6 device-to-device copies; the fused Adam step stays outside it at "
-            "`loop.step`. The perturbation pass is not captured (one step per batch, each batch a different "
-            "shape-free δ update: capturable, but 1/6 of the ops).",
-    "awm": "not captured. Both phases' steps have static shapes (batches drawn with replacement, always "
-           "`batch_size`) and no host read, but: (1) the mask step calls `loop.step(opt, loss)`, which runs "
-           "`backward()` inside the loop helper — capturing it needs the step to compute the mask gradients with "
-           "`torch.autograd.grad` inside the graph and call `loop.step(opt)`, as I-BAU does; (2) "
-           "`MaskedAdamClamp` passes the step count and bias corrections as host numbers (baked into a graph): "
-           "it stays outside, one launch; (3) every step's batch indices come from `Loop.batches(replacement=True)` "
-           "as `torch.randint(...).to(device)`, a blocking pageable copy (a stream sync per step on CUDA, "
-           "counted below) that must land in a static index buffer outside the graph; (4) the recovery's last "
-           "step fuses the L1 rescale (a second graph). Needed: changes in awm.py and _loop.py (see the report).",
-    "baerase": "not captured. The unlearning and recovery steps draw the stamp location on the host "
+            "the run, so every shape of the default 5 rounds; `True`: every shape; `False`: none): the "
+            "hypergradient step (`implicit_hypergrad`: outer gradients, the inner gradient graph, the K = 5 "
+            "fixed-point solve with its tolerance tested on the device, the mixed product) is one graph per "
+            "(inner, outer) batch shape (`HypergradGraphs`) fed by 6 device-to-device copies; the fused Adam step "
+            "stays outside it, at `loop.step`. The perturbation pass is not captured (capturable the same way: a "
+            "static-shape step with no host read; 5 % of a round's ops).",
+    "awm": "not captured. Both phases' steps have static shapes (batches drawn with replacement: always "
+           "`batch_size`) and no read of a device tensor, but (1) the mask step calls `loop.step(opt, loss)`, "
+           "which runs `backward()` inside the loop helper: a captured step must compute the mask gradients "
+           "with `torch.autograd.grad` inside the graph and call `loop.step(opt)`, as I-BAU's does; "
+           "(2) `MaskedAdamClamp` passes the step count and bias corrections as host numbers (a graph would "
+           "bake them in): it stays outside the graph, one launch; (3) each step's indices come from "
+           "`Loop.batches(replacement=True)` as a blocking `.to(device)` of a host draw (the syncs below): "
+           "they must be staged into a static device buffer outside the graph (pinned, non-blocking); (4) the "
+           "recovery's last step fuses the L1 rescale (its own graph). Changes in awm.py and _loop.py.",
+    "baerase": "not captured. Each unlearning and recovery step draws the stamp location on the host "
                "(`location()`: `torch.rand(2).tolist()`, then Python slicing at those offsets): a graph would "
-               "replay the captured offsets, so `stamp_into` would need device-side offsets (or "
-               "`position=\"corner\"`, fixed); the noise and z draws come from the host generator through pinned "
-               "memory (copyable into static buffers outside a graph); the recovery's two `loop.step(opt, loss)` "
-               "and the unlearning's one run backward inside the loop helper; the early-stop flip rate is a host "
-               "read per round (needed: it decides whether to go on).",
+               "replay the captured offsets, so `stamp_into` needs device-side offsets (or a fixed "
+               "`position=\"corner\"`); the noise and z draws reach the device through pinned memory (they could "
+               "be copied into static buffers outside a graph); the recovery's two `loop.step(opt, loss)` and the "
+               "unlearning's one run the backward inside the loop helper; the early-stop flip rate is one read "
+               "per round, by design (it decides whether to go on).",
     "bcu": "not captured. A step is one teacher forward and one student forward + backward at batch 256 (the "
-           "fewest ops per image of the five); the temperature changes every round (a host number in the loss: "
-           "a graph per round, or a device scalar), the augmentation and the dropout masks draw from device "
-           "generators (capturable only when registered with the graph: `CUDAGraph.register_generator_state`), "
-           "and `loop.step(opt, loss)` runs the backward inside the loop helper. At batch 256 the convolutions "
-           "are large enough that the launch overhead is a small share; measure before capturing.",
+           "fewest ops per image of the five: ~210 ops a step here); the temperature changes every round (a "
+           "host number in the loss: a graph per round, or a device scalar); the augmentation and the "
+           "dropout masks draw from device generators (a graph replays them only when registered with "
+           "`CUDAGraph.register_generator_state`); `loop.step(opt, loss)` runs the backward inside the loop "
+           "helper. At batch 256 each convolution is large enough that launches are a small share: measure "
+           "first.",
 }
 
 
+def _row(d: Dict[str, Any]) -> str:
+    return f"{d['ops']:,} | {d['kernels']:,} | {d['syncs']} | {d['reads']} | {d['scalar_dense']}"
+
+
 def render(rows: List[Dict[str, Any]], env: Dict[str, Any], workload: str) -> str:
-    order = {n: i for i, n in enumerate(("sau", "ibau", "awm", "baerase", "bcu"))}
-    rows = sorted(rows, key=lambda r: (order.get(r["defense"], 9), r["path"] != "reference"))
+    rows = sorted(rows, key=lambda r: (DEFENSES.index(r["defense"]), r["path"] != "reference"))
     lines = [
-        "# Dispatch counts: ATen ops and host reads per round, reference against fast path", "",
+        "# Dispatch counts: ATen ops and host synchronisations per round, reference against fast path", "",
         f"Counted on CPU by `benchmarks/dispatch.py` ({workload}; torch {env['torch']}, commit {env['commit']}). "
-        "**ops**: ATen ops dispatched (TorchDispatchMode; backward ops included; *kernels* = ops that are not "
-        "views, about one launch each on a GPU); **reads**: host reads of a tensor's value (`.item()`, "
-        "`bool()`, `float()`, `int()`, `.tolist()`, `.numpy()`, formatting: on a GPU each waits for the device, "
-        "unless the tensor lives on the host, as a host generator's draws do — see the sites below); "
-        "`_local_scalar_dense` is the op `.item()`/`bool()`/`float()`/`int()` dispatch (`.tolist()` of a CPU "
-        "tensor dispatches nothing, so the reads column is the complete one); **H2D**: `.to(device)` / "
-        "`as_tensor(device=)` calls, *blocking* ones synchronise the stream on CUDA when the source is pageable "
-        "host memory. **in graph**: ops of the steps a fast path captures into a CUDA graph on a GPU (replaced "
-        "there by one graph launch per step plus the copies into its static inputs). 1 round = a run with "
-        "`epochs=1` (setup included); +1 round = `epochs=2` minus `epochs=1`.", "",
-        "| defense | path | ops, 1 round | kernels | reads | `_local_scalar_dense` | blocking H2D | "
-        "ops, +1 round | kernels | reads | blocking H2D | in graph, +1 round | left on the host with graphs |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "**ops**: ATen ops dispatched (a TorchDispatchMode; backward ops included); **kernels**: the ops that are "
+        "not views, about one launch each on a GPU; **syncs**: what would synchronise the host with a GPU — reads "
+        "of a device tensor's value, blocking host-to-device copies (`torch.as_tensor(x, device=)`, `.to(device)` "
+        "of pageable memory), `.cpu()` of a device tensor, data-dependent shapes (the CPU stand-in of "
+        "`fastpurify.testing.host_sync_check`); **reads**: every host read of a tensor's value, host tensors "
+        "included (a host generator's draws, a CPU optimizer's step counter: no sync); **`_lsd`**: "
+        "`aten::_local_scalar_dense`, the op `.item()`/`bool()`/`float()`/`int()` dispatch (`.tolist()` of a CPU "
+        "tensor dispatches nothing, so it undercounts the reads). **in a graph**: the ops of the steps a fast "
+        "path captures into a CUDA graph on a GPU, where each such step becomes one graph launch plus the copies "
+        "into its static inputs. *1 round*: setup, the first round and the end; *+1 round*: the second round.", "",
+        "| defense | path | ops, 1 round | kernels | syncs | reads | `_lsd` | ops, +1 round | kernels | syncs | "
+        "reads | `_lsd` | in a graph, +1 round | left with graphs, +1 round |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in rows:
-        one, more = r["one"], r["marginal"]
+        one, more = r["one"], r["more"]
         left = "—"
-        if more["captured_ops"]:
-            left = f"{more['ops'] - more['captured_ops']:,} ops + {more['graph_steps']} replays"
-        lines.append(
-            f"| {r['defense']} | {r['path']} | {one['ops']:,} | {one['ops'] - one['views']:,} | {one['reads']} | "
-            f"{one['scalar_dense']} | {one['blocking_copies']} | {more['ops']:,} | {more['ops'] - more['views']:,} | "
-            f"{more['reads']} | {more['blocking_copies']} | "
-            f"{more['captured_ops']:,} ({100 * more['captured_ops'] / max(1, more['ops']):.0f} %) | {left} |")
-    lines += ["", "## Per phase (+1 round: ops, of which in a graph, reads, blocking H2D)", ""]
-    lines += ["| defense | path | phase | ops | in graph | reads | blocking H2D |",
+        if more["graph_ops"]:
+            left = (f"{more['kernels'] - more['graph_kernels']:,} kernels + {more['graph_steps']} graph launches, "
+                    f"{more['syncs'] - more['graph_syncs']} syncs")
+        share = f"{more['graph_ops']:,} ({100 * more['graph_ops'] / max(1, more['ops']):.0f} %)"
+        lines.append(f"| {r['defense']} | {r['path']} | {_row(one)} | {_row(more)} | {share} | {left} |")
+    lines += ["", "## Per phase (+1 round)", "",
+              "| defense | path | phase | ops | in a graph | syncs | reads |",
               "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        for p, d in sorted(r["marginal"]["phases"].items()):
-            if any(d.values()):
-                lines.append(f"| {r['defense']} | {r['path']} | {p} | {d['ops']:,} | {d['captured_ops']:,} | "
-                             f"{d['reads']} | {d['blocking_copies']} |")
-    lines += ["", "## Where the reads and the blocking copies of a round are (+1 round, by call site)", ""]
+        for p, d in sorted(r["more"]["phases"].items()):
+            lines.append(f"| {r['defense']} | {r['path']} | {p} | {d['ops']:,} | {d['graph_ops']:,} | {d['syncs']} | "
+                         f"{d['reads']} |")
+    lines += ["", "## Where the syncs of a round are (+1 round, by call site)", ""]
     for r in rows:
-        sites = r["marginal"]["read_sites"]
-        copies = {s: v for s, v in r["marginal"]["copy_sites"].items() if s.endswith("(blocking)")}
-        if not sites and not copies:
-            continue
+        sites = sorted(r["more"]["sync_sites"].items(), key=lambda kv: (-kv[1], kv[0]))
         lines.append(f"- **{r['defense']} {r['path']}**: "
-                     + "; ".join([f"read `{s}` ×{v}" for s, v in sorted(sites.items(), key=lambda kv: -kv[1])]
-                                 + [f"H2D `{s.rsplit(' (', 1)[0]}` ×{v}"
-                                    for s, v in sorted(copies.items(), key=lambda kv: -kv[1])]))
+                     + ("; ".join(f"{s} ×{v}" for s, v in sites) if sites else "none"))
     lines += ["", "## What a CUDA graph replaces on a GPU", ""]
-    for name in sorted({r["defense"] for r in rows}, key=lambda n: order.get(n, 9)):
-        lines.append(f"- **{name}**: {GRAPH_NOTES.get(name, '')}")
+    lines += [f"- **{n}**: {GRAPH_NOTES[n]}" for n in DEFENSES if any(r["defense"] == n for r in rows)]
     lines.append("")
     return "\n".join(lines)
 
@@ -386,10 +446,13 @@ def main(argv=None) -> int:
     from fastpurify.models import load_checkpoint
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--defenses", nargs="+", default=["sau", "ibau", "awm", "baerase", "bcu"])
+    ap.add_argument("--defenses", nargs="+", default=list(DEFENSES), choices=DEFENSES)
     ap.add_argument("--paths", nargs="+", default=["reference", "fast"], choices=("reference", "fast"))
     ap.add_argument("--data", default=str(DEFAULT_DATA))
     ap.add_argument("--n-clean", type=int, default=256)
+    ap.add_argument("--cpu", action="store_true", help="count the fast paths' CPU strategies (launch_bound False)")
+    ap.add_argument("--two-runs", action="store_true", help="also run epochs=1 and check that its counts equal the "
+                                                            "first round's of the epochs=2 run")
     ap.add_argument("--out", default=None, help="output folder (default benchmarks/results/<device>)")
     ap.add_argument("--render", action="store_true", help="rewrite dispatch.md from dispatch.json (no counting)")
     args = ap.parse_args(argv)
@@ -398,25 +461,30 @@ def main(argv=None) -> int:
         saved = json.loads((out / "dispatch.json").read_text())
         (out / "dispatch.md").write_text(render(saved["rows"], saved["environment"], saved["workload"]))
         return 0
-    torch.set_num_threads(1)  # counts do not depend on it; the machine is shared
+    torch.set_num_threads(1)  # the counts do not depend on it; the machine is shared
     rel, _, target = SHARED_CHECKPOINTS["badnets"]
     model = load_checkpoint(Path(args.data) / rel, arch="small_vgg")
     x, y = load_cifar10(Path(args.data) / "cifar10", split="train", count=args.n_clean)
-    workload = (f"SmallVGG badnets checkpoint, the first {args.n_clean} CIFAR-10 training images, "
-                "`fastpurify.bench.BENCH_SETTINGS` with `epochs` 1 and 2, BAERASE told the target, 1 thread, seed 0")
-    env = environment()
+    strategies = "the CPU strategies" if args.cpu else "the fast paths' GPU strategies"
+    workload = (f"the SmallVGG badnets checkpoint, the first {args.n_clean} CIFAR-10 training images, "
+                f"`BENCH_SETTINGS` with `epochs=2`, BAERASE told the target, {strategies}, 1 thread, seed 0")
     rows = []
     for name in args.defenses:
+        settings = {**BENCH_SETTINGS[name], **({"target": target} if name == "baerase" else {}), "epochs": 2}
+        check_settings(name, settings)
         for path in args.paths:
-            settings = {**BENCH_SETTINGS[name], **({"target": target} if name == "baerase" else {})}
-            check_settings(name, settings)
-            runs = {}
-            for epochs in (1, 2):
-                runs[epochs] = count_run(name, path, model, (x, y), {**settings, "epochs": epochs})
-                print(f"{name} {path} epochs={epochs}: {runs[epochs]['ops']:,} ops, {runs[epochs]['reads']} reads, "
-                      f"{runs[epochs]['seconds']:.1f} s", flush=True)
-            rows.append({"defense": name, "path": path, "settings": settings, "one": runs[1], "two": runs[2],
-                         "marginal": _minus(runs[2], runs[1])})
+            run = count_run(name, path, model, (x, y), settings, gpu_strategies=not args.cpu)
+            row = {"defense": name, "path": path, "settings": settings, "seconds": run["seconds"],
+                   "one": run["one"], "more": run["later"][0] if run["later"] else None}
+            if args.two_runs:
+                single = count_run(name, path, model, (x, y), {**settings, "epochs": 1}, gpu_strategies=not args.cpu)
+                same = {k: (single["one"][k], run["one"][k]) for k in ("ops", "reads", "syncs")}
+                row["two_runs_check"] = same
+                print(f"  epochs=1 run against the first round of epochs=2 (ops, reads, syncs): {same}")
+            rows.append(row)
+            print(f"{name} {path}: 1 round {row['one']['ops']:,} ops / {row['one']['syncs']} syncs, +1 round "
+                  f"{row['more']['ops']:,} ops / {row['more']['syncs']} syncs ({run['seconds']:.0f} s)", flush=True)
+    env = environment()
     out.mkdir(parents=True, exist_ok=True)
     (out / "dispatch.json").write_text(json.dumps({"environment": env, "workload": workload, "rows": rows},
                                                   indent=1, default=str))

@@ -262,61 +262,49 @@ def _dispatch():
     return mod
 
 
-def test_dispatch_counters_count_ops_reads_and_regions():
-    """The counters of benchmarks/dispatch.py on a tiny model: a forward dispatches one convolution per conv,
-    every host read is seen once (``.tolist()`` dispatches nothing on a CPU tensor, yet counts), device-naming
-    copies are told blocking from non-blocking, and ops fall into the phase and graph region they ran in."""
+def test_dispatch_counters_count_ops_reads_syncs_and_regions():
+    """The counters of benchmarks/dispatch.py on a tiny model: a forward dispatches one convolution per conv, every
+    host read is seen once (``.tolist()`` dispatches nothing on a CPU tensor, yet counts), only reads of device
+    tensors and blocking copies of host data count as syncs, and counts fall into their round, phase and graph
+    region."""
     d = _dispatch()
     net = tiny_cnn(16, seed=0).eval()
     x = torch.rand(4, 3, 32, 32)
     from fastpurify.defenses._loop import Loop
 
-    loop = Loop("t", 1, device=torch.device("cpu"), seed=0, progress=False, time_budget=None, eval_fn=None,
+    loop = Loop("t", 2, device=torch.device("cpu"), seed=0, progress=False, time_budget=None, eval_fn=None,
                 eval_every=1)
+    target = torch.zeros(4, dtype=torch.long)
 
     def step(t):  # a stand-in for a captured step
-        return F.cross_entropy(net(t), torch.zeros(4, dtype=torch.long))
+        return F.cross_entropy(net(t), target)
 
     holder = type("H", (), {"step": staticmethod(step)})
-    with d.counting([(holder, "step")]) as (ops, reads, regions):
-        with loop.phase("forward"):
-            z = net(x)
-        with loop.phase("loss"):
-            loss = holder.step(x)
-            loss.backward()
-        v = float(loss.detach())
-        z.argmax(1).tolist()
-        bool(z.sum() > 0)
-        f"{loss.detach():.3f}"  # noqa: B018 (a formatted tensor is a read, counted once)
-        torch.as_tensor(3, device="cpu")
-        z.to("cpu", non_blocking=True)
-    assert holder.step is step  # patches undone
-    assert Loop.phase is not None and "phase" in Loop.__dict__
-    assert ops.by_name["aten::convolution"] == 3 * 2  # 3 convs in each forward
-    assert ops.by_name["aten::convolution_backward"] == 3
-    assert ops.scalar_dense == 3  # float(), bool() and the format; .tolist() dispatches nothing
-    assert sum(reads.reads.values()) == 4 and v == float(loss.detach())
-    sites = reads.read_sites
-    assert sum(sites.values()) == 4 and all(s.startswith("tests/test_graphs.py:") for s in sites)
-    assert reads.copies == {("(outside phases)", True): 1, ("(outside phases)", False): 1}
-    phases = {p for p, _ in ops.ops}
-    assert {"forward", "loss", "(outside phases)"} <= phases
-    graph_ops = sum(n for (p, c), n in ops.ops.items() if c)
-    assert graph_ops > 0 and all(p == "loss" for (p, c) in ops.ops if c)  # the stand-in step ran in "loss"
-    assert regions.entries[d.GRAPH] == 1 and ops.total == sum(ops.ops.values()) > graph_ops
-    assert 0 < sum(ops.views.values()) < ops.total
-
-
-def test_dispatch_marginal_round_is_a_difference():
-    d = _dispatch()
-    one = {"ops": 10, "views": 2, "seconds": 1.0, "phases": {"a": {"ops": 10}}, "read_sites": {"s": 1},
-           "copy_sites": {}}
-    two = {"ops": 17, "views": 3, "seconds": 2.0, "phases": {"a": {"ops": 15}, "b": {"ops": 2}},
-           "read_sites": {"s": 2, "t": 1}, "copy_sites": {"c (blocking)": 1}}
-    m = d._minus(two, one)
-    assert (m["ops"], m["views"]) == (7, 1) and "seconds" not in m
-    assert m["phases"] == {"a": {"ops": 5}, "b": {"ops": 2}}
-    assert m["read_sites"] == {"s": 1, "t": 1} and m["copy_sites"] == {"c (blocking)": 1}
+    plain_phase = Loop.__dict__["phase"]
+    with d.counting([(holder, "step")]) as (ops, reads, syncs, regions):
+        net(x)  # setup: 3 convolutions
+        for r in loop.rounds():
+            with loop.phase("loss"):
+                loss = holder.step(x)
+                loss.backward()
+            if r == 1:
+                float(loss.detach())  # a read of a device tensor: a sync
+                torch.rand(2, generator=loop.generator).tolist()  # a host draw: a read, not a sync
+                f"{loss.detach():.3f}"  # noqa: B018 (a formatted tensor is one read)
+                torch.as_tensor(3, device="cpu")  # a blocking host-to-device copy
+    assert holder.step is step and Loop.__dict__["phase"] is plain_phase  # patches undone
+    assert regions.round == "after" and regions.entries[(0, d.GRAPH)] == regions.entries[(1, d.GRAPH)] == 1
+    assert ops.by_name["aten::convolution"] == 3 * 3 and ops.by_name["aten::convolution_backward"] == 3 * 2
+    one, more = (d.summarize(ops, reads, syncs, regions, rounds) for rounds in (("setup", 0, "after"), (1,)))
+    assert more["reads"] == 3 and more["scalar_dense"] == 2  # float() and the format; tolist() dispatches nothing
+    here = "tests/test_graphs.py:test_dispatch_counters_count_ops_reads_syncs_and_regions"
+    assert more["sync_sites"] == {f"read __float__() at {here}": 1, f"read __format__() at {here}": 1,
+                                  f"blocking H2D torch.as_tensor(device=) at {here}": 1}  # not the host draw
+    assert more["syncs"] == 3 and one["syncs"] == 0
+    assert set(more["phases"]) == {"loss", "(outside phases)"}
+    # the stand-in captured step is phase "loss" without the backward, which runs after the step returns
+    assert 0 < more["graph_ops"] < more["phases"]["loss"]["ops"] and more["graph_steps"] == 1
+    assert one["ops"] > more["ops"] and 0 < more["kernels"] < more["ops"]  # the setup's forward; views exist
 
 
 # ------------------------------------------------------------------------------------------------ on a GPU

@@ -216,10 +216,10 @@ class HypergradGraphs:
         def build():
             static = tuple(t.detach().clone() for t in inputs)
             sx1, sy1, sxj, syj, smask, sdelta = static
-            cap = (self.capture or CapturedHypergrad)(inner_loss_fn(self.net, self.cfg, sx1, sy1),
-                               outer_loss_fn(self.net, self.cfg, sxj, syj, smask), sdelta, self.params,
-                               solver=self.cfg.solver, K=self.cfg.K, eta=self.cfg.inner_lr, tol=self.cfg.tol,
-                               warmup=self.warmup)
+            capture = self.capture or CapturedHypergrad  # looked up at call time (tests replace it)
+            cfg = self.cfg
+            cap = capture(inner_loss_fn(self.net, cfg, sx1, sy1), outer_loss_fn(self.net, cfg, sxj, syj, smask), sdelta,
+                          self.params, solver=cfg.solver, K=cfg.K, eta=cfg.inner_lr, tol=cfg.tol, warmup=self.warmup)
             built.append(cap.first)
             cap.first = None
             return cap, static

@@ -570,7 +570,9 @@ class CapturedHypergrad:
             t.record_stream(here)
         self.first: Optional[Tuple[List[Tensor], Dict[str, Tensor]]] = first
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: only this thread's unsafe calls are refused while it captures; "global" (the default) would
+        # make any other thread's sync or cudaMalloc fail meanwhile, and defenses run in threads (test_threads.py)
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.grads, self.info = run()
 
     def __call__(self) -> List[Tensor]:
