@@ -289,6 +289,9 @@ class _SyncScope:
         self.steps = 0  # step bodies checked
         self.suppressed: Dict[str, int] = {}  # allowance label -> synchronisations let through
         self._base = torch.cuda.get_sync_debug_mode() if self.cuda else 0
+        # After the check: a batch generator that a failed step left suspended closes when it is collected, later;
+        # it must not switch the sync debug mode on again then
+        self.closed = False
 
     @property
     def in_step(self) -> bool:
@@ -297,13 +300,15 @@ class _SyncScope:
 
     def _apply(self) -> None:
         self.checking = self._checked if not self._allowed else 0
-        if self.cuda:
+        if self.cuda and not self.closed:
             # inside an allowance the mode warns (counted), elsewhere in a step it raises
             mode = "error" if self.checking else ("warn" if self._checked else self._base)
             torch.cuda.set_sync_debug_mode(mode)
 
     def event(self, what: str) -> None:
         """A synchronisation seen by the CPU stand-in: raised inside a step, counted inside an allowance."""
+        if self.closed:
+            return
         if self._allowed:
             if self._checked:
                 self.suppressed[self._allowed[-1]] = self.suppressed.get(self._allowed[-1], 0) + 1
@@ -447,6 +452,7 @@ def host_sync_check(device, *, phases: Sequence[str] = (), allow: Sequence[Tuple
                 raise AssertionError("these allowed synchronisations no longer happen inside a step; remove them "
                                      "from the test's allow=: " + "; ".join(stale))
     finally:
+        scope.closed = True
         if mode is not None:
             mode.__exit__(None, None, None)
         for owner, attr, value in reversed(patches):
