@@ -97,13 +97,8 @@ def test_fast_sau_steps_do_not_sync_the_host(setup, device):
     device, statistics read once per round), checked: every batch's attack and unlearning step runs under
     torch.cuda.set_sync_debug_mode("error") on CUDA, under the CPU stand-in with the GPU strategies here."""
     model, x, y = setup
-    try:
-        with host_sync_check(device, allow=known_step_syncs("check_finite")) as scope:
-            r = fastpurify.sau(model, (x, y), epochs=2, batch_size=32, device=device, progress=False)
-    except RuntimeError as e:
-        if "same .requires_grad" not in str(e):
-            raise
-        # The GPU strategy stacks f (trainable) with the frozen f0 through torch.func.stack_module_state, which
-        # refuses parameters whose requires_grad differ: fastpurify/ops/attack.py must stack detached copies.
-        pytest.xfail("ops/attack.py _Stacked: stack_module_state([f, f0]) refuses a frozen f0 (every CUDA SAU run)")
+    # (this check, run with the GPU strategies on a CPU, found the stacked attack refusing the frozen f0: fixed in
+    # ops/attack.py, d015474)
+    with host_sync_check(device, allow=known_step_syncs("check_finite")) as scope:
+        r = fastpurify.sau(model, (x, y), epochs=2, batch_size=32, device=device, progress=False)
     assert r.status == "completed" and scope.steps == 6  # 2 rounds of 3 batches, each checked
