@@ -359,7 +359,7 @@ GRAPH_NOTES = {
             "fixed-point solve with its tolerance tested on the device, the mixed product) is one graph per "
             "(inner, outer) batch shape (`HypergradGraphs`) fed by 6 device-to-device copies; the fused Adam step "
             "stays outside it, at `loop.step`. The perturbation pass is not captured (capturable the same way: a "
-            "static-shape step with no host read; 5 % of a round's ops).",
+            "static-shape step with no host read; 6 % of a round's ops).",
     "awm": "not captured. Both phases' steps have static shapes (batches drawn with replacement: always "
            "`batch_size`) and no read of a device tensor, but (1) the mask step calls `loop.step(opt, loss)`, "
            "which runs `backward()` inside the loop helper: a captured step must compute the mask gradients "
@@ -384,6 +384,13 @@ GRAPH_NOTES = {
            "helper. At batch 256 each convolution is large enough that launches are a small share: measure "
            "first.",
 }
+
+
+#: Launches a replay adds besides the graph: copies into the static inputs (and out of the state), per replay
+#: (I-BAU: X1, Y1, Xj, Yj, Mj, δ) or per batch (SAU: the 11 state tensors in, and cloned out, once per batch of
+#: ``pgd_steps`` replays).
+GRAPH_COPIES = {"ibau": lambda replays, settings: 6 * replays,
+                "sau": lambda replays, settings: 22 * replays // settings.get("pgd_steps", 5)}
 
 
 def _row(d: Dict[str, Any]) -> str:
@@ -413,8 +420,10 @@ def render(rows: List[Dict[str, Any]], env: Dict[str, Any], workload: str) -> st
         one, more = r["one"], r["more"]
         left = "—"
         if more["graph_ops"]:
-            left = (f"{more['kernels'] - more['graph_kernels']:,} kernels + {more['graph_steps']} graph launches, "
-                    f"{more['syncs'] - more['graph_syncs']} syncs")
+            copies = GRAPH_COPIES[r["defense"]](more["graph_steps"], r["settings"])
+            left = (f"{more['kernels'] - more['graph_kernels'] + copies:,} kernels ({copies} of them copies into "
+                    f"the graphs' inputs) + {more['graph_steps']} graph launches, {more['syncs'] - more['graph_syncs']}"
+                    " syncs")
         share = f"{more['graph_ops']:,} ({100 * more['graph_ops'] / max(1, more['ops']):.0f} %)"
         lines.append(f"| {r['defense']} | {r['path']} | {_row(one)} | {_row(more)} | {share} | {left} |")
     lines += ["", "## Per phase (+1 round)", "",
@@ -468,6 +477,7 @@ def main(argv=None) -> int:
     strategies = "the CPU strategies" if args.cpu else "the fast paths' GPU strategies"
     workload = (f"the SmallVGG badnets checkpoint, the first {args.n_clean} CIFAR-10 training images, "
                 f"`BENCH_SETTINGS` with `epochs=2`, BAERASE told the target, {strategies}, 1 thread, seed 0")
+    env = environment()  # the commit whose code is counted
     rows = []
     for name in args.defenses:
         settings = {**BENCH_SETTINGS[name], **({"target": target} if name == "baerase" else {}), "epochs": 2}
@@ -484,7 +494,6 @@ def main(argv=None) -> int:
             rows.append(row)
             print(f"{name} {path}: 1 round {row['one']['ops']:,} ops / {row['one']['syncs']} syncs, +1 round "
                   f"{row['more']['ops']:,} ops / {row['more']['syncs']} syncs ({run['seconds']:.0f} s)", flush=True)
-    env = environment()
     out.mkdir(parents=True, exist_ok=True)
     (out / "dispatch.json").write_text(json.dumps({"environment": env, "workload": workload, "rows": rows},
                                                   indent=1, default=str))

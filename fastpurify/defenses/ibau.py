@@ -22,8 +22,9 @@ What changes against the reference, and why it is the same method:
 - **CUDA graphs** (``cuda_graph``, CUDA only): the hypergradient step — the outer gradients, the inner gradient
   graph, the K-step solve and the mixed product, ~K+3 backward passes — is captured once per batch shape
   (:class:`HypergradGraphs`, :class:`~fastpurify.ops.CapturedHypergrad`) and replayed: counted on CPU with the
-  real SmallVGG and 256 images (benchmarks/results/cpu-amd-epyc-2t/dispatch.md) a step dispatches ~2,000 ATen
-  ops with no host read, which a replay turns into one graph launch and 6 input copies. The default ``None``
+  real SmallVGG badnets checkpoint and 256 images (benchmarks/dispatch.py, dispatch.md) a step dispatches 1,896
+  ATen ops (1,361 of them kernels, 86 % of a round's ops) and no host synchronisation, which a replay turns into
+  one graph launch and 6 input copies. The default ``None``
   captures a shape that repeats at least ``GRAPH_MIN_STEPS`` = 3 times in the run (the default 5 rounds: every
   full batch, and a ragged last batch too), so short runs do not pay for a capture they cannot amortise; the
   weights still change only at ``loop.step`` (the graph's outputs become ``.grad``; the optimizer, fused on

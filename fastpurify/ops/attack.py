@@ -298,7 +298,7 @@ class SharedPGD:
         for k, v in saved.items():
             st[k].copy_(v)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # as CapturedHypergrad's (why there)
+        with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):  # as CapturedHypergrad's
             self._step(st, forward, mean, std)
         for k, v in saved.items():  # the capture ran the step once more on the state
             st[k].copy_(v)

@@ -570,9 +570,10 @@ class CapturedHypergrad:
             t.record_stream(here)
         self.first: Optional[Tuple[List[Tensor], Dict[str, Tensor]]] = first
         self.graph = torch.cuda.CUDAGraph()
-        # thread_local: only this thread's unsafe calls are refused while it captures; "global" (the default) would
-        # make any other thread's sync or cudaMalloc fail meanwhile, and defenses run in threads (test_threads.py)
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+        # Captured on this capture's own side stream (torch.cuda.graph's default is one stream shared by every
+        # capture in the process) and in thread_local mode (only this thread's unsafe calls are refused; "global"
+        # would make another thread's sync or cudaMalloc fail meanwhile): defenses run in threads (test_threads.py)
+        with torch.cuda.graph(self.graph, stream=side, capture_error_mode="thread_local"):
             self.grads, self.info = run()
 
     def __call__(self) -> List[Tensor]:
