@@ -215,6 +215,41 @@ def test_ibau_hypergrad_graphs_feed_their_static_inputs(solver):
     assert graphs.use(x1, torch.zeros(5, 3, 32, 32), 1) is True  # a shape with a graph keeps it
 
 
+class _FailingCapture:
+    """A capture that fails as CUDA does when the captured code syncs the host."""
+
+    def __init__(self, *args, **kwargs):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+
+@pytest.mark.parametrize("mode", [None, True])
+def test_ibau_failed_capture_warns_and_runs_eagerly_in_auto_mode(monkeypatch, mode):
+    """Auto mode: a capture that fails warns once and that shape runs eagerly from then on (the same result as
+    the eager step); cuda_graph=True: the failure is an error."""
+    net = tiny_cnn(16, seed=1).eval()
+    params = list(net.parameters())
+    cfg = _ibau_cfg(cuda_graph=mode)
+    graphs = ibau_mod.HypergradGraphs(net, cfg, params, capture=_FailingCapture)
+    g = torch.Generator().manual_seed(3)
+    x1, y1 = torch.rand(6, 3, 32, 32, generator=g), torch.randint(0, 10, (6,), generator=g)
+    mask = torch.zeros(6, 1, 1, 1).index_fill_(0, torch.tensor([2]), 1.0)
+    delta = 0.1 * torch.randn(1, 3, 32, 32, generator=g)
+    args = (x1, y1, x1.flip(0), y1.flip(0), mask, delta)
+    if mode is True:
+        with pytest.raises(RuntimeError, match="not permitted when stream is capturing"):
+            graphs(*args)
+        return
+    with pytest.warns(RuntimeWarning, match=r"batch shape \(6, 3, 32, 32\) could not be captured into a CUDA graph "
+                                            r"\(RuntimeError: CUDA error: operation not permitted"):
+        grads, info = graphs(*args)
+    want, winfo = ibau_mod.hypergrad_step(net, cfg, params, *args)
+    assert all(torch.equal(a, b) for a, b in zip(grads, want)) and torch.equal(info["outer_loss"], winfo["outer_loss"])
+    rule = ibau_mod.captures  # even where the rule says capture (CUDA), the failed shape is not tried again
+    monkeypatch.setattr(ibau_mod, "captures", lambda m, device, steps: rule(m, torch.device("cuda"), steps))
+    assert graphs.use(x1, x1, 100) is False and graphs.use(x1, x1[:5], 100) is True
+    assert len(graphs.cache) == 0
+
+
 @pytest.mark.parametrize("min_steps,calls", [(ibau_mod.GRAPH_MIN_STEPS, [3]), (1, [1, 3])])
 def test_fast_ibau_through_graphs_equals_the_eager_run(monkeypatch, min_steps, calls):
     """The whole defense with its graph branch taken on CPU (the rule as on CUDA, the stand-in capture): the same

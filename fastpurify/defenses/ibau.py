@@ -60,6 +60,7 @@ the mixed product 0.3 s, the outer and inner forward/backward 0.45 s.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -175,6 +176,15 @@ def outer_loss_fn(net: nn.Module, cfg: IBAUConfig, xj: Tensor, yj: Tensor, mask:
     return outer_loss
 
 
+def hypergrad_step(net: nn.Module, cfg: IBAUConfig, params: List[Tensor], x1: Tensor, y1: Tensor, xj: Tensor,
+                   yj: Tensor, mask: Tensor, delta: Tensor) -> Tuple[List[Tensor], Dict[str, Any]]:
+    """One outer step's hypergradient, eagerly: :func:`fastpurify.ops.implicit_hypergrad` of ``L_out`` on batch j
+    through ``L_in`` on the first batch, the tolerance tested on the device (no host sync)."""
+    return implicit_hypergrad(inner_loss_fn(net, cfg, x1, y1), outer_loss_fn(net, cfg, xj, yj, mask), delta, params,
+                              solver=cfg.solver, K=cfg.K, eta=cfg.inner_lr, tol=cfg.tol, check="none",
+                              return_info=True)
+
+
 def captures(mode: Optional[bool], device: torch.device, steps: int) -> bool:
     """Whether the hypergradient steps of one batch shape run as a CUDA graph: never off CUDA or with
     ``cuda_graph=False``; always with ``True``; with ``None`` (auto) when the shape will run ``steps`` >=
@@ -193,12 +203,16 @@ class HypergradGraphs:
     outputs, overwritten by the next replay of the same shape — assign them to ``.grad`` and step before then.
     ``capture``: the capturing class (tests pass an eager stand-in to check the buffers' wiring on a CPU).
 
+    A capture that fails (a model whose forward reads a device value on the host, say) raises with
+    ``cuda_graph=True``; in auto mode it warns once, and that shape runs eagerly from then on.
+
     Shapes: as :func:`fastpurify.ops.implicit_hypergrad`; returns ``(grads, {"outer_loss", "solver_iters"})``."""
 
     def __init__(self, net: nn.Module, cfg: IBAUConfig, params: List[Tensor], capture=None,
                  warmup: int = GRAPH_WARMUP) -> None:
         self.net, self.cfg, self.params, self.capture, self.warmup = net, cfg, params, capture, warmup
         self.cache = GraphCache(2)
+        self.failed: set = set()  # keys whose capture failed (auto mode: run eagerly)
 
     @staticmethod
     def key(x1: Tensor, xj: Tensor) -> tuple:
@@ -207,7 +221,8 @@ class HypergradGraphs:
     def use(self, x1: Tensor, xj: Tensor, steps: int) -> bool:
         """Whether this step replays (or captures) a graph: its shape was captured before, or :func:`captures`
         says so for the ``steps`` outer steps the shape has left in the run (only falls: decided at first sight)."""
-        return self.key(x1, xj) in self.cache or captures(self.cfg.cuda_graph, x1.device, steps)
+        key = self.key(x1, xj)
+        return key in self.cache or (key not in self.failed and captures(self.cfg.cuda_graph, x1.device, steps))
 
     def __call__(self, x1: Tensor, y1: Tensor, xj: Tensor, yj: Tensor, mask: Tensor, delta: Tensor
                  ) -> Tuple[List[Tensor], Dict[str, Tensor]]:
@@ -225,7 +240,17 @@ class HypergradGraphs:
             cap.first = None
             return cap, static
 
-        cap, static = self.cache.get(self.key(x1, xj), build)
+        key = self.key(x1, xj)
+        try:
+            cap, static = self.cache.get(key, build)
+        except RuntimeError as e:  # CUDA errors are RuntimeErrors; the cache is left as it was
+            if self.cfg.cuda_graph is True:
+                raise
+            self.failed.add(key)
+            warnings.warn(f"ibau: the hypergradient step of batch shape {tuple(xj.shape)} could not be captured into "
+                          f"a CUDA graph ({type(e).__name__}: {e}); it runs eagerly (cuda_graph=False skips the "
+                          "attempt, cuda_graph=True makes it an error)", RuntimeWarning, stacklevel=2)
+            return hypergrad_step(self.net, self.cfg, self.params, *inputs)
         if built:  # just captured: the last warm-up computed this step
             return built[0]
         for dst, src in zip(static, inputs):
@@ -266,7 +291,6 @@ def _ibau(net: nn.Module, data, cfg: FastIBAUConfig, loop) -> Dict[str, Any]:
         pert = p["delta"]
 
         x1, y1 = xs[0], ys[0]
-        inner_loss = inner_loss_fn(net, cfg, x1, y1)
         rounds_left = loop.total_rounds - loop.round
         outer_sum = torch.zeros((), device=dev)
         iters_sum = torch.zeros((), device=dev)
@@ -280,9 +304,7 @@ def _ibau(net: nn.Module, data, cfg: FastIBAUConfig, loop) -> Dict[str, Any]:
                 if graphs.use(x1, xj, same):
                     grads, info = graphs(x1, y1, xj, yj, mask, pert)
                 else:
-                    grads, info = implicit_hypergrad(inner_loss, outer_loss_fn(net, cfg, xj, yj, mask), pert, params,
-                                                     solver=cfg.solver, K=cfg.K, eta=cfg.inner_lr, tol=cfg.tol,
-                                                     check="none", return_info=True)
+                    grads, info = hypergrad_step(net, cfg, params, x1, y1, xj, yj, mask, pert)
                 loop.check_finite(info["outer_loss"], "outer loss")
                 for prm, g in zip(params, grads):
                     prm.grad = g
