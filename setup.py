@@ -38,7 +38,11 @@ def _extensions():
         return [], {}
 
     cpu_sources = ["csrc/bindings.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx_flags = ["-O3", "-std=c++17"]
+    # No -std flag: BuildExtension adds the standard torch's own headers are written in (-std=c++20 for torch 2.13)
+    # to both the C++ and the nvcc command lines. The -std=c++17 this forced made two lines of torch 2.13's
+    # c10/core/AutogradState.h warn (bit-field initializers, -Wc++20-extensions) in each C++ translation unit:
+    # 22 warnings in the CUDA build, none without it (.ci/cuda_build.py, benchmarks/results/cuda-build/).
+    cxx_flags = ["-O3"]
     if sys.platform != "win32":
         cxx_flags += ["-fopenmp"] if not sys.platform == "darwin" else []
     define_macros = []
@@ -62,7 +66,7 @@ def _extensions():
             sources,
             define_macros=define_macros,
             include_dirs=[os.path.join(ROOT, "csrc")],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
             extra_link_args=["-fopenmp"] if sys.platform.startswith("linux") else [],
         )
         print("fastpurify: building fastpurify._C with CUDA", file=sys.stderr)
