@@ -347,7 +347,7 @@ class _SyncScope:
             self._apply()
 
 
-EPOCH_ORDER = "Loop.batches: the epoch's index order, copied to the device once per epoch"
+EPOCH_ORDER = "Loop.batches: the epoch's index order (or a phase's draws with replacement), copied to the device once"
 
 
 @contextlib.contextmanager
@@ -393,9 +393,10 @@ def host_sync_check(device, *, phases: Sequence[str] = (), allow: Sequence[Tuple
 
     def batches(loop, *args, **kwargs):
         it = orig_batches(loop, *args, **kwargs)
-        first = not kwargs.get("replacement", False)
+        first = True
         while True:
-            # the epoch's order is drawn on the host and copied to the device once; every later draw is a step's
+            # the epoch's order (or all of a phase's draws with replacement) is drawn on the host and copied to the
+            # device once, at the first draw; every later draw is a step's
             with scope.step():
                 scope.steps -= 1  # the draw belongs to the step whose body follows
                 with (scope.allow(EPOCH_ORDER) if first else scope.allow(draws[0]) if draws
@@ -459,24 +460,3 @@ def host_sync_check(device, *, phases: Sequence[str] = (), allow: Sequence[Tuple
             setattr(owner, attr, value)
         if scope.cuda:
             torch.cuda.set_sync_debug_mode(scope._base)
-
-
-def known_step_syncs(*names: str) -> List[Tuple[Any, str, str]]:
-    """``allow=`` entries for the synchronisations the shared loop helper still makes inside steps (each to be
-    fixed in ``fastpurify/defenses/_loop.py``; the strict check says when one is gone):
-
-    - ``"check_finite"``: :meth:`Loop.check_finite` builds ``torch.as_tensor(step, device=...)`` twice per step,
-      a blocking host-to-device copy on CUDA (a scalar-to-tensor copy is synchronous: pytorch/pytorch#120996);
-      device arithmetic on the Python int (``bad.long() * (step + 1) - 1``) needs no copy;
-    - ``"replacement_draws"``: :meth:`Loop.batches` with ``replacement=True`` draws each step's indices on the
-      host and copies them with a blocking ``.to(device)`` (AWM's recovery and mask steps); drawing a phase's
-      ``steps × batch_size`` indices at once, or a pinned non-blocking copy, removes it."""
-    from .defenses._loop import Loop
-
-    known = {
-        "check_finite": (Loop, "check_finite", "torch.as_tensor(step, device=) twice per step: a blocking "
-                                               "host-to-device copy"),
-        "replacement_draws": (Loop, "batches", "replacement=True: each step's indices drawn on the host and "
-                                               "copied with a blocking .to(device)"),
-    }
-    return [known[n] for n in names]

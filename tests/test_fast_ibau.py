@@ -13,7 +13,7 @@ import fastpurify
 from fastpurify.data import synthetic_dataset
 from fastpurify.metrics import evaluate
 from fastpurify.reference.defenses.ibau import ibau as ibau_ref
-from fastpurify.testing import host_sync_check, known_step_syncs
+from fastpurify.testing import host_sync_check
 
 # Two OpenMP threads stall on the shared 2-core test machine whenever another process holds a core
 # (tests/test_ref_ibau.py took 506 s with 2 threads, 43 s with 1): see the one_thread fixture.
@@ -110,7 +110,7 @@ def test_fast_ibau_steps_do_not_sync_the_host(backdoored, device, solver):
     and the loop's per-round reads lie between them."""
     model, _, (x, y), _ = backdoored
     with host_sync_check(device, phases=("attack", "hypergrad", "unlearn"),
-                         allow=known_step_syncs("check_finite")) as scope:
+                         allow=()) as scope:
         r = fastpurify.ibau(model, (x[:100], y[:100]), epochs=2, batch_size=50, solver=solver, device=device,
                             progress=False)
     assert r.status == "completed" and len(r.history) == 2

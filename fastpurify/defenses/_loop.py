@@ -155,6 +155,7 @@ class Loop:
         self._pre_share = 0.0  # the largest share work before the first update may take (for the advice)
         self._round_costs: List[float] = []
         self._once_seconds = 0.0  # one-off work in the current round (phase(once=True))
+        self._phase_events: List[Any] = []  # (name, once, start, end) CUDA events not yet read
         self._cut_steps: Optional[Dict[str, int]] = None
 
     # ------------------------------------------------------------------------------------------- timing
@@ -164,19 +165,37 @@ class Loop:
 
     @contextlib.contextmanager
     def phase(self, name: str, *, once: bool = False):
-        """Time a phase of the defense (synchronising the GPU at its ends so the time is the work's).
-        ``once=True`` marks one-off work inside a round (e.g. BAERASE's trigger recovery in the first round):
-        a time budget's planner leaves it out of the cost of a round."""
-        self._sync()
+        """Time a phase of the defense. ``once=True`` marks one-off work inside a round (e.g. BAERASE's trigger
+        recovery in the first round): a time budget's planner leaves it out of the cost of a round. On CUDA the
+        phase is timed with CUDA events, read at the round's end (no synchronisation inside a step); on the CPU
+        with the loop's clock."""
+        if self.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            try:
+                yield
+            finally:
+                end.record()
+                self._phase_events.append((name, once, start, end))
+            return
         t0 = self.clock()
         try:
             yield
         finally:
-            self._sync()
-            dt = self.clock() - t0
-            self.timings[name] += dt
-            if once:
-                self._once_seconds += dt
+            self._add_phase(name, once, self.clock() - t0)
+
+    def _add_phase(self, name: str, once: bool, dt: float) -> None:
+        self.timings[name] += dt
+        if once:
+            self._once_seconds += dt
+
+    def _read_phases(self) -> None:
+        """The CUDA-event phase times recorded so far (one synchronisation, at a round's end)."""
+        if self._phase_events:
+            self._phase_events[-1][3].synchronize()
+            for name, once, start, end in self._phase_events:
+                self._add_phase(name, once, start.elapsed_time(end) / 1000.0)
+            self._phase_events.clear()
 
     def elapsed(self) -> float:
         """Seconds of defense so far (evaluation excluded)."""
@@ -313,10 +332,14 @@ class Loop:
         whole (scoring)."""
         timed = budget and self.time_budget is not None
         if replacement:
-            for _ in range(steps if steps is not None else max(1, n // batch_size)):
+            count = steps if steps is not None else max(1, n // batch_size)
+            # all the phase's indices drawn at once (the same stream as one draw per step) and copied to the device
+            # in one transfer, not one blocking copy per step
+            drawn = torch.randint(0, n, (count, batch_size), generator=self.generator).to(self.device)
+            for i in range(count):
                 if timed and self.out_of_time(kind):
                     return
-                yield torch.randint(0, n, (batch_size,), generator=self.generator).to(self.device)
+                yield drawn[i]
             if timed:
                 self.out_of_time(kind)  # time the last step
             return
@@ -349,7 +372,9 @@ class Loop:
             return
         d = loss.detach()
         bad = ~(torch.isfinite(d) & (d.abs() <= LOSS_LIMIT)).all()
-        first = torch.where(bad, torch.as_tensor(step, device=loss.device), torch.as_tensor(-1, device=loss.device))
+        # step if bad else -1, by device arithmetic on a Python int: a tensor made from a host scalar would be a
+        # blocking host-to-device copy per step on CUDA (pytorch/pytorch#120996)
+        first = bad.long() * (step + 1) - 1
         self._bad_step = first if self._bad_step is None else torch.where(self._bad_step >= 0, self._bad_step, first)
 
     def step(self, optimizer: torch.optim.Optimizer, loss: Optional[Tensor] = None, *,
@@ -404,6 +429,7 @@ class Loop:
                 self._once_seconds = 0.0
                 t_round = self._budget_clock() if self.time_budget is not None else 0.0
                 yield r
+                self._read_phases()
                 if self.time_budget is not None:
                     self._round_costs.append(self._budget_clock() - t_round - self._once_seconds)
                 self._end_round()
@@ -416,6 +442,7 @@ class Loop:
         finally:
             if bar is not None:
                 bar.close()
+            self._read_phases()
             self.timings["defense"] = self.elapsed()
             self.timings["eval"] = self._eval_seconds
             if self._cut or self.total_rounds < self.requested_rounds:
