@@ -30,7 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "aot"
-NVCC_FLAGS = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]  # setup.py's nvcc flags
+NVCC_FLAGS = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo"]  # setup.py's nvcc flags
 
 sys.path.insert(0, str(ROOT))
 from benchmarks._env import environment  # noqa: E402

@@ -23,7 +23,7 @@ def test_there_are_cuda_kernels():
 def test_cuda_kernel_compiles(cu, tmp_path):
     # sm_90: the H100/H200 the kernels target; -Werror=all-warnings keeps the kernels warning-free;
     # --resource-usage (ptxas -v) shows spills: none is allowed (the fp32 L1 PGD sample kernels spilled 4 bytes).
-    cmd = ["nvcc", "-c", "-std=c++17", "-O3", "-arch=sm_90", "-Werror", "all-warnings", "--resource-usage",
+    cmd = ["nvcc", "-c", "-std=c++20", "-O3", "-arch=sm_90", "-Werror", "all-warnings", "--resource-usage",
            f"-I{ROOT / 'csrc'}", str(cu), "-o", str(tmp_path / (cu.stem + ".o"))]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stdout}\n{res.stderr}"
