@@ -170,7 +170,7 @@ class HostSyncError(RuntimeError):
     """A step would synchronise the host with the device (the CPU stand-in of CUDA's sync debug error)."""
 
 
-_READS = {"item", "tolist", "__float__", "__int__", "__bool__", "__index__", "__complex__", "numpy"}
+_READS = {"item", "tolist", "__float__", "__int__", "__bool__", "__index__", "__complex__", "numpy", "__format__"}
 _DATA_DEPENDENT = {"nonzero", "argwhere", "masked_select", "unique", "unique_consecutive"}
 _FACTORIES = {"zeros", "ones", "empty", "full", "arange", "rand", "randn", "randint", "randperm", "tensor",
               "as_tensor", "linspace", "logspace", "eye", "empty_strided", "scalar_tensor"}

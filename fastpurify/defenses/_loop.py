@@ -121,7 +121,7 @@ class Loop:
         # The state of the model as the defense would return it now (AWM folds its masks in): set by set_export
         self._export: Optional[Callable[[], Dict[str, Tensor]]] = None
         self.completed_rounds = 0
-        self._init_rms: Optional[List[float]] = None
+        self._init_rms: Dict[str, float] = {}  # each parameter's RMS before the first round
         self.total_rounds = rounds  # may be lowered after the warm-up round when a time budget is given
         self.requested_rounds = rounds
         self.device = device
@@ -475,14 +475,11 @@ class Loop:
         return _state.snapshot(self.model) if self._export is None else \
             {k: v.detach().clone() for k, v in self._export().items()}
 
-    def _params(self) -> List[Tensor]:
-        return [] if self.model is None else [p for p in self.model.parameters() if p.is_floating_point()]
-
     def _begin(self) -> int:
         """Before the first round: the reference sizes of the weights; with ``resume``, every state the
         checkpoint holds, and the round to continue from."""
         if self.model is not None:
-            self._init_rms = _state.rms(self._params())
+            self._init_rms = _state.param_rms(self.model, _state.tensor_norms(self.model))
         st = self._resume_state
         if st is None:
             return 0
@@ -491,7 +488,7 @@ class Loop:
         self.generator.set_state(st["generator"])
         _state.set_rng_states(st["rng"], self.device)
         self.history = list(st["history"])
-        self._init_rms = list(st["init_rms"])
+        self._init_rms = dict(st["init_rms"])
         self._updated = bool(st["updated"])
         self.schedule.update(st["schedule"])
         self.last_good = self._snapshot()
@@ -503,12 +500,12 @@ class Loop:
         """After every round: the weights and buffers are finite and no parameter exploded (one device read)."""
         if self.model is None:
             return
-        bad = _state.nonfinite_tensors(self.model)
+        norms = _state.tensor_norms(self.model)  # one device read for both checks
+        bad = _state.nonfinite_tensors(self.model, norms=norms)
         if bad:
             raise DivergenceError(_state.describe_nonfinite(self.name, bad, f"after round {self.round + 1}"))
-        names = [n for n, p in self.model.named_parameters() if p.is_floating_point()]
-        now = _state.rms(self._params())
-        for n, a, b in zip(names, self._init_rms or [], now):
+        for n, b in _state.param_rms(self.model, norms).items():
+            a = self._init_rms.get(n, b)
             if b > _state.DIVERGENCE_FACTOR * max(a, 1.0):
                 raise DivergenceError(
                     f"{self.name}: the weights diverged in round {self.round + 1}: {n} grew from RMS {a:.3g} to "

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
@@ -68,21 +68,26 @@ def snapshot(model: nn.Module, device: Optional[torch.device] = None) -> Dict[st
             for k, v in model.state_dict().items()}
 
 
-def nonfinite_tensors(model: nn.Module, limit: int = 3) -> List[str]:
-    """Names of parameters and floating buffers holding NaN or inf (at most ``limit``): one device reduction."""
-    items = [(k, v) for k, v in model.state_dict().items() if v.is_floating_point() and v.numel()]
+def tensor_norms(model: nn.Module) -> Dict[str, float]:
+    """The L2 norm of every floating parameter and buffer, by state-dict name: a few multi-tensor launches and one
+    device read (NaN or inf when a tensor holds one)."""
+    items = [(k, v.detach()) for k, v in model.state_dict().items() if v.is_floating_point() and v.numel()]
     if not items:
-        return []
-    flags = torch.stack([torch.isfinite(v).all() for _, v in items]).tolist()
-    return [k for (k, _), ok in zip(items, flags) if not ok][:limit]
+        return {}
+    norms = torch.stack([n.float() for n in torch._foreach_norm([v for _, v in items])]).tolist()
+    return dict(zip((k for k, _ in items), norms))
 
 
-def rms(tensors: Iterable[Tensor]) -> List[float]:
-    ts = [t.detach() for t in tensors]
-    if not ts:
-        return []
-    norms = torch.stack([torch.linalg.vector_norm(t.float()) for t in ts]).tolist()
-    return [n / math.sqrt(max(1, t.numel())) for n, t in zip(norms, ts)]
+def nonfinite_tensors(model: nn.Module, limit: int = 3, norms: Optional[Dict[str, float]] = None) -> List[str]:
+    """Names of parameters and floating buffers holding NaN or inf (at most ``limit``)."""
+    norms = tensor_norms(model) if norms is None else norms
+    return [k for k, n in norms.items() if not math.isfinite(n)][:limit]
+
+
+def param_rms(model: nn.Module, norms: Dict[str, float]) -> Dict[str, float]:
+    """The root-mean-square of every floating parameter, by name, from :func:`tensor_norms`."""
+    return {k: norms[k] / math.sqrt(max(1, p.numel())) for k, p in model.named_parameters()
+            if p.is_floating_point() and k in norms}
 
 
 def describe_nonfinite(name: str, bad: List[str], when: str) -> str:
