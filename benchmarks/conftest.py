@@ -25,9 +25,28 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_tf32():
+    """GPU benchmarks run fp32 exactly (DESIGN rule 7): torch 2.13 runs fp32 cuDNN convolutions in TF32 by default,
+    which would make the eager masked-conv provider compute something else than the exact kernels it is compared
+    with. The state is recorded in every result (env_info)."""
+    if not HAS_CUDA:
+        yield
+        return
+    from fastpurify.testing import no_tf32
+
+    with no_tf32():
+        yield
+
+
 @pytest.fixture(scope="session")
 def env_info():
-    return environment()
+    info = environment()
+    if HAS_CUDA:
+        from fastpurify.testing import tf32_state
+
+        info["tf32"] = repr(tf32_state())
+    return info
 
 
 def pytest_collection_modifyitems(config, items):
