@@ -384,7 +384,7 @@ def _popen(args, cwd):
     import signal
 
     return subprocess.Popen([sys.executable, "-m", "fastpurify", *args], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"),
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
@@ -415,13 +415,14 @@ def test_ctrl_c_saves_the_last_round_and_resume_finishes_the_run(tmp_path, workl
     saved = torch.load(out, weights_only=True)
     assert saved["status"] == "interrupted" and 1 <= saved["rounds"] < 4
 
-    res = _cli(*args, "--resume", str(state), "--out", str(out), "--json")
+    one = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # all three runs on one thread: the same reduction order
+    res = _cli(*args, "--resume", str(state), "--out", str(out), "--json", env_extra=one)
     assert res.returncode == 0, res.stderr
     resumed = json.loads(res.stdout.strip().splitlines()[-1])
     assert resumed["status"] == "completed" and resumed["rounds"] == 4
     assert resumed["schedule"]["resumed_from_round"] >= 1
     whole = tmp_path / "whole.pth"
-    res = _cli(*args, "--out", str(whole), "--json")
+    res = _cli(*args, "--out", str(whole), "--json", env_extra=one)
     assert res.returncode == 0, res.stderr
     a, b = torch.load(out, weights_only=True)["model"], torch.load(whole, weights_only=True)["model"]
     for k in b:  # the same steps in the same order: equal up to float rounding
