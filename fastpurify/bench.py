@@ -198,22 +198,24 @@ def resolve_checkpoint(checkpoint: Union[str, os.PathLike], data: Union[str, os.
 
 def real_workload(checkpoint: Union[str, os.PathLike], data: Union[str, os.PathLike], *, trigger: str, target: int,
                   arch: str = "small_vgg", n_clean: Optional[int] = 2500, n_eval: Optional[int] = None,
-                  normalization=None) -> Workload:
+                  normalization=None, model: Optional[nn.Module] = None) -> Workload:
     """A checkpoint (``fastpurify.models.load_checkpoint``) with CIFAR-10 from ``data``: the defender's clean
     set is the first ``n_clean`` training images (``data_batch_1`` first), the evaluation the first ``n_eval``
-    of ``test_batch`` (None: all 10,000); ``trigger`` is a spec of :func:`fastpurify.triggers.parse_trigger`."""
+    of ``test_batch`` (None: all 10,000); ``trigger`` is a spec of :func:`fastpurify.triggers.parse_trigger`.
+    ``model``: a model of any architecture to load the checkpoint into (``arch`` then only names it)."""
     from .data import load_cifar10
     from .models import load_checkpoint
     from .triggers import parse_trigger
 
-    _check_arch(arch)
+    if model is None:
+        _check_arch(arch)
     trig = parse_trigger(trigger)  # cheap checks first
     if isinstance(target, bool) or not isinstance(target, int) or target < 0:
         raise ValueError(f"target must be a class index >= 0, got {target!r}")
     for name, v in (("n_clean", n_clean), ("n_eval", n_eval)):
         if v is not None:
             _positive(name, v)
-    model = load_checkpoint(checkpoint, arch=arch).eval()
+    model = load_checkpoint(checkpoint, arch=arch, model=model).eval()
     x, y = load_cifar10(data, split="train", count=n_clean)
     xt, yt = load_cifar10(data, split="test", count=n_eval)
     return Workload(name=Path(checkpoint).name, arch=arch, model_factory=lambda: copy.deepcopy(model), clean=(x, y),

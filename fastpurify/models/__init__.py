@@ -11,7 +11,16 @@ from __future__ import annotations
 
 from torch import nn
 
-from .checkpoint import CheckpointError, extract_state_dict, load_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    MissingExtraError,
+    extract_state_dict,
+    load_checkpoint,
+    load_into,
+    read_state_dict,
+    save_checkpoint,
+)
+from .factory import ModelSpecError, resolve_model
 from .preact_resnet import PreActResNet18
 from .resnet import ResNet18
 from .small_vgg import SmallVGG
@@ -19,12 +28,18 @@ from .small_vgg import SmallVGG
 __all__ = [
     "ARCHS",
     "CheckpointError",
+    "MissingExtraError",
+    "ModelSpecError",
     "PreActResNet18",
     "ResNet18",
     "SmallVGG",
     "build_model",
     "extract_state_dict",
     "load_checkpoint",
+    "load_into",
+    "read_state_dict",
+    "resolve_model",
+    "save_checkpoint",
 ]
 
 #: Architecture name (as used by the CLI and ``load_checkpoint``) -> model class taking ``num_classes``.
