@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._progress import Progress
+
 __all__ = ["augment_batch", "train", "train_backdoored"]
 
 
@@ -117,17 +119,16 @@ def _train(
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     gen = torch.Generator(device=device).manual_seed(int(seed))
 
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=epochs, desc="train", unit="epoch")
+    # a bar of steps on a terminal, a line per epoch (and every 30 s inside a long one) in a log
+    shown = Progress("train", epochs, enabled=progress, unit="epoch")
     last_loss = float("nan")
     step = 0
     with _fork_rng(device):
         torch.manual_seed(int(seed))
         model.train()
-        for _ in range(epochs):
+        for epoch in range(epochs):
+            shown.start_round(epoch, epochs)
+            shown.expect(steps_per_epoch)
             perm = torch.randperm(n, generator=gen, device=device)
             loss_sum = torch.zeros((), device=device)
             for b in range(steps_per_epoch):
@@ -144,14 +145,13 @@ def _train(
                 opt.step()
                 loss_sum += loss.detach()
                 step += 1
-            if bar is not None:
-                bar.set_postfix(loss=f"{loss_sum.item() / steps_per_epoch:.3f}")  # one sync per epoch, bar only
-                bar.update()
+                shown.step()
             last_loss_t = loss_sum / steps_per_epoch
+            if shown.mode is not None:  # one sync per epoch, only to show the loss
+                shown.end_round({"loss": float(last_loss_t)}, epochs)
         if epochs > 0:
             last_loss = float(last_loss_t)
-    if bar is not None:
-        bar.close()
+    shown.close()
     model.to(memory_format=torch.contiguous_format)
     model.eval()
     return last_loss

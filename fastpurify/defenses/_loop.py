@@ -1,17 +1,17 @@
 """The one loop helper every defense (reference and fast) runs in (DESIGN.md rule 9).
 
-It owns what is not the algorithm: checking the inputs, copying the model, seeding, the progress bar,
-per-round history, evaluation on ``eval_data`` every ``eval_every`` rounds (timed apart from the defense),
-the finite-loss guard, timings per phase, and the time budget. A defense is a function
-``algorithm(net, data, cfg, loop)`` that reaches its data only through ``loop.batches`` and changes weights
-only through ``loop.step(optimizer)``, so that multi-GPU runs can be added here without touching it.
+It owns what is not the algorithm: checking the inputs, copying the model, seeding, the progress display (a
+bar on a terminal, lines in a log: ``fastpurify/_progress.py``), per-round history, evaluation on ``eval_data``
+every ``eval_every`` rounds (timed apart from the defense), the finite-loss guard, timings per phase, and the
+time budget. A defense is a function ``algorithm(net, data, cfg, loop)`` that reaches its data only through
+``loop.batches`` and changes weights only through ``loop.step(optimizer)``, so that multi-GPU runs can be added
+here without touching it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -20,6 +20,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from .._progress import Progress
 from . import _state
 from ._state import DivergenceError, PurificationError  # noqa: F401  (re-exported)
 
@@ -81,6 +82,19 @@ class PurifyResult:
     info: Dict[str, Any] = field(default_factory=dict)
     schedule: Dict[str, Any] = field(default_factory=dict)
 
+    def save(self, path) -> Any:
+        """Weights to ``path`` (.pt/.pth or .safetensors), the rest to JSON beside it: fastpurify/results.py."""
+        from ..results import save_result
+
+        return save_result(self, path)
+
+    @staticmethod
+    def load(path, model: Optional[nn.Module] = None) -> PurifyResult:
+        """A result :meth:`save` wrote (its .json or weights file); ``model`` receives the weights (a copy)."""
+        from ..results import load_result
+
+        return load_result(path, model=model)
+
     def __repr__(self) -> str:
         last = self.history[-1] if self.history else {}
         shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in last.items()}
@@ -107,7 +121,8 @@ class Loop:
                  sync_checks: bool = True, clock_start: Optional[float] = None,
                  clock: Optional[Callable[[], float]] = None, model: Optional[nn.Module] = None,
                  checkpoint: Optional[Any] = None, checkpoint_every: int = 1,
-                 resume_state: Optional[Dict[str, Any]] = None, meta: Optional[Dict[str, Any]] = None) -> None:
+                 resume_state: Optional[Dict[str, Any]] = None, meta: Optional[Dict[str, Any]] = None,
+                 progress_file: Optional[Any] = None) -> None:
         self.name = name
         # The clock of timings and of the time budget: time.perf_counter, or a test's deterministic clock.
         self.clock = clock if clock is not None else time.perf_counter
@@ -125,7 +140,9 @@ class Loop:
         self.total_rounds = rounds  # may be lowered after the warm-up round when a time budget is given
         self.requested_rounds = rounds
         self.device = device
-        self.progress = progress and sys.stderr.isatty()
+        self.progress = progress
+        # a bar on a terminal, lines elsewhere (progress_file, default sys.stderr): _progress.py
+        self._progress = Progress(name, rounds, enabled=progress, file=progress_file, clock=self.clock)
         self.time_budget = time_budget
         self.eval_fn = eval_fn
         self.eval_every = eval_every
@@ -223,11 +240,12 @@ class Loop:
         the run stops: every later call and :meth:`batches` say so too, and :meth:`rounds` ends after this
         round), or, inside :meth:`share`, when it would pass the block's share (then only the block ends).
         Measures the cost of the step since the previous boundary, per kind of step. Always ``False`` without a
-        budget.
+        budget. (Every call is also a heartbeat of the progress display.)
 
         Until the first model update the run is the warm-up and is never cut (only a :meth:`share` block ends):
         the minimal useful run is then measured, not guessed, and when its first update ended past the budget
         :class:`TimeBudgetError` says how long a budget it needs."""
+        self._progress.heartbeat()
         if self.time_budget is None:
             return False
         if self._cut:
@@ -336,9 +354,11 @@ class Loop:
             # all the phase's indices drawn at once (the same stream as one draw per step) and copied to the device
             # in one transfer, not one blocking copy per step
             drawn = torch.randint(0, n, (count, batch_size), generator=self.generator).to(self.device)
+            self._progress.expect(count)
             for i in range(count):
                 if timed and self.out_of_time(kind):
                     return
+                self._progress.heartbeat()
                 yield drawn[i]
             if timed:
                 self.out_of_time(kind)  # time the last step
@@ -346,12 +366,15 @@ class Loop:
         order = torch.randperm(n, generator=self.generator) if shuffle else torch.arange(n)
         order = order.to(self.device)
         stop = n - n % batch_size if drop_last else n
+        starts = range(0, stop, batch_size)
+        self._progress.expect(len(starts) if steps is None else min(steps, len(starts)))
         count = 0
-        for s in range(0, stop, batch_size):
+        for s in starts:
             if steps is not None and count >= steps:
                 break
             if timed and self.out_of_time(kind):
                 return
+            self._progress.heartbeat()
             count += 1
             yield order[s:s + batch_size]
         if timed:
@@ -391,6 +414,7 @@ class Loop:
                 self._first_update_at = self._budget_clock()
             self._updated = True
             self.step_in_round += 1
+            self._progress.step()
 
     def log(self, **values: Any) -> None:
         """Record values for this round (tensors are read once, at the round's end)."""
@@ -405,28 +429,20 @@ class Loop:
         ``total_rounds`` each round, so their schedule is compressed, not cut); a round the budget cuts short
         (:meth:`batches`) is the last. ``status`` becomes ``"budget_exhausted"`` when fewer rounds than asked
         ran; ``schedule`` records what ran."""
-        bar = None
-        if self.progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=self.total_rounds, desc=self.name, unit="round", leave=False, file=sys.stderr)
         self._start = self.clock()
         r = first = self._begin()
-        if bar is not None and first:
-            bar.update(first)
         try:
             while True:
                 if self.time_budget is not None and r > first:
                     if self._cut:
                         break
                     self._plan(r)  # re-planned after every round, also when the last plan said stop here
-                    if bar is not None:
-                        bar.total = self.total_rounds
                     self._judge_warm_up()
                 if r >= self.total_rounds:
                     break
                 self.round, self.step_in_round, self._pending, self._bad_step = r, 0, {}, None
                 self._once_seconds = 0.0
+                self._progress.start_round(r, self.total_rounds)
                 t_round = self._budget_clock() if self.time_budget is not None else 0.0
                 yield r
                 self._read_phases()
@@ -435,13 +451,9 @@ class Loop:
                 self._end_round()
                 r += 1
                 self._round_done(r)
-                if bar is not None:
-                    bar.update(1)
-                    last = self.history[-1]
-                    bar.set_postfix({k: f"{v:.4g}" for k, v in last.items() if isinstance(v, float)}, refresh=False)
+                self._progress.end_round(self.history[-1], self.total_rounds)
         finally:
-            if bar is not None:
-                bar.close()
+            self._progress.close()
             self._read_phases()
             self.timings["defense"] = self.elapsed()
             self.timings["eval"] = self._eval_seconds
