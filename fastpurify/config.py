@@ -62,8 +62,10 @@ def _yaml():
     try:
         import yaml
     except ImportError:
-        raise ImportError("reading YAML configuration files needs PyYAML: pip install fastpurify[yaml] (or give a "
-                          ".json file)") from None
+        from .models.checkpoint import MissingExtraError  # a ValueError too: the command line prints one line
+
+        raise MissingExtraError("reading YAML configuration files needs PyYAML: pip install fastpurify[yaml] (or give "
+                                "a .json file)") from None
     return yaml
 
 

@@ -10,7 +10,8 @@ A study file (YAML or JSON, read as :mod:`fastpurify.config` reads files) says w
     seeds: [0, 1, 2]               # or a count: 3 means seeds 0, 1, 2
     device: auto                   # auto | cpu | cuda | cuda:N
     reference: false               # true: the reference ports instead of the fast paths
-    workers: 2                     # or --workers N; default: one per GPU, else one per threads_per_worker cores
+    workers: 2                     # or --workers N; default: one per GPU, else one per threads_per_worker cores;
+                                   # 0: the cells run one after another in the sweep's own process (debugging)
     threads_per_worker: 1          # CPU threads of each worker (default: the cores divided among the workers)
     settings: {time_budget: 120}   # settings for every defense, below each recipe's own
     defenses:
@@ -23,10 +24,12 @@ A study file (YAML or JSON, read as :mod:`fastpurify.config` reads files) says w
       - badnets                    # a shared checkpoint of the data folder (badnets, trojan_wm)
       - name: mine                 # or a file with what ``fastpurify purify`` takes
         path: ckpt/mine.pth
-        arch: small_vgg
+        arch: small_vgg            # or model: MODULE:FACTORY (or path/to/net.py:FACTORY) and model_kwargs: {...}
         trigger: "patch:size=3,row=29,col=29,value=1"
         target: 0
-      - {name: bb, record: bb/badnet_0_1}   # a BackdoorBench record folder (fastpurify.backdoorbench)
+        # data: other/folder       # this checkpoint's CIFAR-10 folder, if not the study's
+      - {name: bb, record: record/badnet_0_1}  # a BackdoorBench record (fastpurify.backdoorbench): it carries its
+                                               # model, trigger and target; its data: is the record's unless given
 
 ``defenses`` may also be a list of names (each with the published recipe). A recipe may set ``reference:
 true`` (that recipe runs the reference port). Each cell — one defense recipe on one checkpoint with one seed —
@@ -62,7 +65,7 @@ from typing import Any, Dict, Iterator, List, Optional
 
 STUDY_KEYS = ("name", "out_dir", "data", "clean_count", "eval_count", "seeds", "device", "reference", "workers",
               "threads_per_worker", "settings", "defenses", "checkpoints")
-CHECKPOINT_KEYS = ("name", "path", "record", "arch", "trigger", "target", "data")
+CHECKPOINT_KEYS = ("name", "path", "record", "arch", "model", "model_kwargs", "trigger", "target", "data")
 # Defense options the sweep itself owns (per cell or per study): a recipe may not set them.
 SWEEP_OWNED = {"seed": "give seeds: at the study's top level", "device": "give device: at the study's top level",
                "progress": "the sweep shows a line per finished cell", "inplace": "each cell purifies a copy",
@@ -127,7 +130,7 @@ def _file_hash(path: Path) -> str:
 
 def _checkpoint(entry: Any, where: str, data: Path) -> Dict[str, Any]:
     """A checked checkpoint entry: ``{name, kind, path, arch, trigger, target, data, sha256}``."""
-    from .bench import SHARED_CHECKPOINTS, _check_arch, resolve_checkpoint
+    from .bench import SHARED_CHECKPOINTS, resolve_checkpoint
     from .cli import NUM_CLASSES
     from .data import find_cifar10
     from .triggers import parse_trigger
@@ -144,18 +147,12 @@ def _checkpoint(entry: Any, where: str, data: Path) -> Dict[str, Any]:
         raise ValueError(f"{where}: give exactly one of path: (a checkpoint file or {', '.join(SHARED_CHECKPOINTS)}) "
                          "and record: (a BackdoorBench record)")
     data = Path(str(entry.get("data", data))).expanduser()
+    if "record" in entry:
+        return _record_entry(entry, where, data)
     try:
         cifar = find_cifar10(data)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{where}: {e}") from None
-    if "record" in entry:
-        record_reader()
-        path = Path(str(entry["record"])).expanduser()
-        if not path.exists():
-            raise FileNotFoundError(f"{where}: record {str(path)!r} not found")
-        return {"name": _name(entry.get("name", path.name), f"{where}: name"), "kind": "record",
-                "path": str(path.resolve()), "data": str(data.resolve()), "arch": entry.get("arch"),
-                "trigger": entry.get("trigger"), "target": entry.get("target"), "sha256": None}
     key = str(entry["path"])
     trig = entry.get("trigger")
     target = entry.get("target")
@@ -165,17 +162,55 @@ def _checkpoint(entry: Any, where: str, data: Path) -> Dict[str, Any]:
         raise ValueError(f"{where}: checkpoint {key!r} needs trigger: SPEC and target: T") from None
     if not path.is_file():
         raise FileNotFoundError(f"{where}: checkpoint file {str(path)!r} not found")
-    arch = str(entry.get("arch", "small_vgg"))
     if isinstance(target, bool) or not isinstance(target, int) or not 0 <= target < NUM_CLASSES:
         raise ValueError(f"{where}: target: expected a CIFAR-10 label in [0, {NUM_CLASSES}), got {target!r}")
     try:
-        _check_arch(arch)
         parse_trigger(spec)
+        arch, kwargs = _model_choice(entry)
     except (ValueError, FileNotFoundError) as e:
         raise type(e)(f"{where}: {e}") from None
     name = entry.get("name", key if key in SHARED_CHECKPOINTS else path.stem)
     return {"name": _name(name, f"{where}: name"), "kind": "path", "path": str(path.resolve()), "arch": arch,
-            "trigger": spec, "target": target, "data": str(cifar.resolve()), "sha256": _file_hash(path)}
+            "model_kwargs": kwargs, "trigger": spec, "target": target, "data": str(cifar.resolve()),
+            "sha256": _file_hash(path)}
+
+
+def _record_entry(entry: Dict[str, Any], where: str, data: Path) -> Dict[str, Any]:
+    """A BackdoorBench record as a checkpoint: it carries its model, triggered test images and target; ``model:``
+    / ``model_kwargs:`` build a network its ``model_name`` does not map (fastpurify.backdoorbench.read_record)."""
+    record_reader()
+    bad = [k for k in ("trigger", "target", "arch") if k in entry]
+    if bad:
+        raise ValueError(f"{where}: {', '.join(bad)}: a record carries its own model, trigger and target (give model: "
+                         "and model_kwargs: for a network it does not name)")
+    path = Path(str(entry["record"])).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"{where}: record {str(path)!r} not found")
+    kwargs = entry.get("model_kwargs")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise ValueError(f"{where}: model_kwargs: expected a mapping, got {kwargs!r}")
+    file = path / "attack_result.pt" if path.is_dir() else path
+    return {"name": _name(entry.get("name", path.name), f"{where}: name"), "kind": "record",
+            "path": str(path.resolve()), "data": str(data.resolve()) if "data" in entry else None,
+            "arch": entry.get("model"), "model_kwargs": kwargs, "trigger": None, "target": None,
+            "sha256": _file_hash(file) if file.is_file() else None}
+
+
+def _model_choice(entry: Dict[str, Any]) -> tuple:
+    """``(spec, kwargs)`` of a checkpoint entry: ``arch:`` (a built-in name, default small_vgg) or ``model:`` (a
+    built-in name or MODULE:FACTORY / path/to/file.py:FACTORY, imported now) with ``model_kwargs:``, as
+    ``purify --arch / --model / --model-kwargs`` take them (fastpurify.models.factory)."""
+    from .models.factory import import_factory, is_builtin, model_from_args
+
+    kwargs = entry.get("model_kwargs")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise ValueError(f"model_kwargs: expected a mapping of the factory's keyword arguments, got {kwargs!r}")
+    text = None if kwargs is None else json.dumps(kwargs)
+    opts = argparse.Namespace(arch=entry.get("arch"), model=entry.get("model"), model_kwargs=text)
+    spec, kwargs = model_from_args(opts)
+    if not is_builtin(spec):
+        import_factory(spec)
+    return spec, kwargs
 
 
 def _recipes(raw: Any, where: str) -> List[tuple]:
@@ -468,13 +503,10 @@ def run_cells(todo: List[Dict[str, Any]], plans: List[Dict[str, Any]], cells_dir
 # --------------------------------------------------------------------------------------------------------
 
 
-def _plot(out_dir: Path, rows) -> Optional[str]:
-    try:
-        from .plot import plot_sweep
-    except ImportError:
-        raise ValueError("--plot needs fastpurify.plot.plot_sweep, which this version of fastpurify does not "
-                         "have") from None
-    return plot_sweep(rows, out_dir)
+def _plot(out_dir: Path, rows, title: str) -> str:
+    from .plot import plot_sweep  # matplotlib is imported only now; without it: one line naming the extra
+
+    return plot_sweep(rows, out_dir, title=title)
 
 
 def cmd_sweep(args) -> int:
@@ -522,7 +554,7 @@ def cmd_sweep(args) -> int:
     paths = write_outputs(study.out_dir, study.name, table, note)
     failed = [r for r in table if r["status"] == "failed"]
     if args.plot and complete:
-        print(f"plots: {_plot(study.out_dir, table)}")
+        print(f"plot: {_plot(study.out_dir, table, f'sweep {study.name}')}")
     if not complete:
         print(f"fastpurify: interrupted: {len(rows)} of {len(table)} cells finished (kept in {cells_dir}); run the "
               "same command again to finish the rest", file=sys.stderr)

@@ -20,6 +20,9 @@ from typing import Any, Dict, Optional
 
 # The row fields a cell copies from its plan (the rest come from the run).
 PLAN_FIELDS = ("study", "cell", "defense", "recipe", "checkpoint", "seed", "reference", "clean_count", "eval_count")
+# The fields a run fills in (None until then, and after a failure where it got no result).
+RESULT_FIELDS = ("acc_before", "asr_before", "ra_before", "acc_after", "asr_after", "ra_after", "der",
+                 "defense_seconds", "eval_seconds", "seconds", "rounds", "path", "device")
 
 
 def write_atomic(path, text: str) -> None:
@@ -43,28 +46,35 @@ def base_row(cell: Dict[str, Any]) -> Dict[str, Any]:
     row = {k: cell.get(k) for k in PLAN_FIELDS}
     ck = cell["ckpt"]
     row.update(checkpoint=ck["name"], arch=ck.get("arch"), settings=cell["settings"], status="pending", error=None)
+    row.update(dict.fromkeys(RESULT_FIELDS))
     return row
 
 
-def load_model(ckpt: Dict[str, Any]):
-    """The backdoored model of a checkpoint entry (CPU). The one place a checkpoint kind is turned into a model:
-    ``kind: "path"`` is a file for :func:`fastpurify.models.load_checkpoint`; ``kind: "record"`` is a
-    BackdoorBench record folder, read by ``fastpurify.backdoorbench.read_record`` when that module exists."""
-    if ckpt["kind"] == "record":
-        from .sweep import record_reader
-
-        return record_reader()(ckpt["path"], data_dir=ckpt["data"]).model
-    from .models import load_checkpoint
-
-    return load_checkpoint(ckpt["path"], arch=ckpt["arch"])
-
-
-def _inputs(cell: Dict[str, Any], cache: Dict[Any, Any]):
-    """Model, clean set, evaluation set and trigger of ``cell``; the data and triggers are kept per worker."""
+def _workload(cell: Dict[str, Any], cache: Dict[Any, Any], device):
+    """What a cell runs on: ``(model, (x, y), extra defense options, measure)`` with ``measure(result) -> (before,
+    after, eval seconds)``. The one place a checkpoint kind becomes a model and data: ``kind: "path"`` is a file
+    loaded into ``arch`` (a built-in name or a factory, as ``purify --arch/--model`` loads it) with CIFAR-10 and
+    the entry's trigger and target; ``kind: "record"`` is a BackdoorBench record (fastpurify.backdoorbench), which
+    carries its model, its triggered test images and its normalisation. Data and triggers are kept per worker."""
+    from .cli_purify import before_after
     from .data import load_cifar10
+    from .models.factory import load_model
     from .triggers import parse_trigger
 
     ck = cell["ckpt"]
+    if ck["kind"] == "record":
+        from .sweep import record_reader
+
+        rec = record_reader()(ck["path"], ck["data"], model=ck["arch"], model_kwargs=ck.get("model_kwargs"),
+                              clean_count=cell["clean_count"], eval_count=cell["eval_count"])
+        model = rec.model.to(device)
+
+        def measure_record(result):
+            t0 = time.perf_counter()
+            before, after = rec.evaluate(model, device=device), rec.evaluate(result.model, device=device)
+            return before, after, time.perf_counter() - t0 + result.timings.get("eval", 0.0)
+
+        return model, rec.clean_train, {"normalization": rec.normalization}, measure_record
     key = ("data", ck["data"], cell["clean_count"], cell["eval_count"])
     if key not in cache:
         cache[key] = (load_cifar10(ck["data"], split="train", count=cell["clean_count"]),
@@ -72,24 +82,25 @@ def _inputs(cell: Dict[str, Any], cache: Dict[Any, Any]):
     if ("trigger", ck["trigger"]) not in cache:
         cache[("trigger", ck["trigger"])] = parse_trigger(ck["trigger"])
     (x, y), (xt, yt) = cache[key]
-    return load_model(ck), (x, y), (xt, yt), cache[("trigger", ck["trigger"])]
+    trigger = cache[("trigger", ck["trigger"])]
+    model = load_model(ck["path"], ck["arch"], ck.get("model_kwargs")).to(device)
+    return model, (x, y), {}, lambda result: before_after(model, result, xt, yt, trigger, ck["target"], device)
 
 
 def run_cell(cell: Dict[str, Any], cache: Optional[Dict[Any, Any]] = None) -> Dict[str, Any]:
     """Run one cell and return its finished row (``status`` is the defense's, or ``"failed"`` with ``error``)."""
     from .cli import _device
-    from .cli_purify import before_after, run_defense
+    from .cli_purify import run_defense
     from .metrics import der
 
     row = base_row(cell)
     t0 = time.perf_counter()
     try:
         device = _device(cell["device"])
-        model, (x, y), (xt, yt), trigger = _inputs(cell, {} if cache is None else cache)
-        model = model.to(device)
+        model, (x, y), extra, measure = _workload(cell, {} if cache is None else cache, device)
         result = run_defense(cell["defense"], model, x, y, reference=cell["reference"], seed=cell["seed"],
-                             device=device, progress=False, **cell["settings"])
-        before, after, eval_s = before_after(model, result, xt, yt, trigger, cell["ckpt"]["target"], device)
+                             device=device, progress=False, **{**extra, **cell["settings"]})
+        before, after, eval_s = measure(result)
         b, a = before.as_dict(), after.as_dict()
         row.update({f"{k}_before": b[k] for k in ("acc", "asr", "ra")})
         row.update({f"{k}_after": a[k] for k in ("acc", "asr", "ra")})
@@ -101,6 +112,7 @@ def run_cell(cell: Dict[str, Any], cache: Optional[Dict[Any, Any]] = None) -> Di
         if os.environ.get("FASTPURIFY_DEBUG") == "1":
             row["traceback"] = traceback.format_exc()
     row["seconds"] = time.perf_counter() - t0
+    row["worker"] = os.getpid()
     row["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     return row
 
