@@ -151,9 +151,11 @@ def _explicit(parser: argparse.ArgumentParser, argv) -> Set[str]:
     unset = object()
     rest = list(argv)
     rest = rest[rest.index("purify") + 1:] if "purify" in rest else rest
-    ns = argparse.Namespace(**{a.dest: unset for a in parser._actions if a.dest != argparse.SUPPRESS})
+    dests = [a for a in parser._actions if a.dest != argparse.SUPPRESS]
+    plain = (argparse._StoreAction, argparse._StoreConstAction)  # store_true/false are store_const
+    ns = argparse.Namespace(**{a.dest: unset if isinstance(a, plain) else None for a in dests})  # append: None
     parser.parse_known_args(rest, namespace=ns)
-    return {k for k, v in vars(ns).items() if v is not unset}
+    return {k for k, v in vars(ns).items() if v is not unset and v is not None}
 
 
 def apply_purify_config(args, argv) -> Dict[str, str]:
