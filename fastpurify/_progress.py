@@ -32,6 +32,7 @@ Example:
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, TextIO
@@ -42,6 +43,9 @@ INTERVAL_S = 30.0
 BAR_REFRESH_S = 1.0
 # The bar: ``sau round 3/10:  26%|██▋       | 52/200 steps [00:14<00:41, 3.6step/s, loss=0.51]``.
 BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} steps [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
+#: Matches the lines of the lines mode (``sau: round 3/10 ...``, ``train: epoch 1/8 ...``), e.g. to tell them
+#: from a command's own messages in a log.
+PROGRESS_LINE = re.compile(r"^[\w.-]+: (round|epoch) \d+/\d+[ ,]")
 # Values of a round's record shown in its line: ACC/ASR/RA as percentages, every loss as a number.
 PERCENT_KEYS = ("acc", "asr", "ra")
 
@@ -89,10 +93,11 @@ class Progress:
 
     def __init__(self, name: str, total: int, *, enabled: bool = True, file: Optional[TextIO] = None,
                  clock: Callable[[], float] = time.perf_counter, unit: str = "round",
-                 interval: float = INTERVAL_S) -> None:
+                 interval: float = INTERVAL_S, budget_left: Optional[Callable[[], float]] = None) -> None:
         self.file = file if file is not None else sys.stderr
         self.mode = None if not enabled else ("bar" if _is_terminal(self.file) else "lines")
         self.name, self.unit, self.clock, self.interval = name, unit, clock, interval
+        self.budget_left = budget_left  # seconds a time budget leaves (an ETA never passes it); read per line
         self.total, self.round = total, 0
         self.steps = 0  # model steps in the current round
         self.steps_before = 0  # model steps of this run before the current round
@@ -175,7 +180,7 @@ class Progress:
             self.bar.set_postfix(values, refresh=True)
             return
         self._last_line = now
-        when = (f"ETA {format_duration(self._per_round() * (total - done))}" if done < total else
+        when = (f"ETA {self._eta(self._per_round() * (total - done))}" if done < total else
                 f"total {format_duration(sum(self.round_times))}")
         values = format_values(record)
         self._print(f"{self.name}: {self.unit} {done}/{total} done, {format_duration(self.round_times[-1])}, {when}"
@@ -208,6 +213,13 @@ class Progress:
         self.bar.total = self._bar_total()
         self.bar.refresh()
 
+    def _eta(self, seconds: float) -> str:
+        if self.budget_left is not None:
+            left = max(0.0, self.budget_left())
+            if left < seconds:
+                return f"{format_duration(left)} (time budget)"
+        return format_duration(seconds)
+
     def _intermediate(self, now: float) -> str:
         """``ibau: round 1/3, step 12/40, 35.0 s into the round, ETA 4m 10s``: the ETA when the steps of a round
         and the time of one step are known."""
@@ -223,7 +235,7 @@ class Progress:
             return text
         later = self.total - self.round - 1
         round_s = self._per_round() if self.round_times else step_s * each
-        return text + f", ETA {format_duration(step_s * max(0, each - self.steps) + later * round_s)}"
+        return text + f", ETA {self._eta(step_s * max(0, each - self.steps) + later * round_s)}"
 
     def _print(self, line: str) -> None:
         print(line, file=self.file, flush=True)

@@ -71,6 +71,15 @@ def test_eta_leaves_out_the_warm_up_round():
     assert last == "sau: round 3/10 done, 42.0 s, ETA 4m 47s, loss 0.512"  # 7 rounds x 41 s (not 54 s)
 
 
+def test_eta_never_passes_the_time_budget():
+    clock, log = FakeClock(), io.StringIO()
+    p = Progress("sau", 100, file=log, clock=clock, budget_left=lambda: 25.0)
+    p.start_round(0, 100)
+    clock.advance(10.0)
+    p.end_round({}, 100)
+    assert log.getvalue().strip() == "sau: round 1/100 done, 10.0 s, ETA 25.0 s (time budget)"
+
+
 def test_a_long_round_prints_intermediate_lines_at_most_every_interval():
     clock, log = FakeClock(), io.StringIO()
     loop = _loop(2, log, clock)

@@ -142,7 +142,8 @@ class Loop:
         self.device = device
         self.progress = progress
         # a bar on a terminal, lines elsewhere (progress_file, default sys.stderr): _progress.py
-        self._progress = Progress(name, rounds, enabled=progress, file=progress_file, clock=self.clock)
+        self._progress = Progress(name, rounds, enabled=progress, file=progress_file, clock=self.clock,
+                                  budget_left=None if time_budget is None else self.remaining)
         self.time_budget = time_budget
         self.eval_fn = eval_fn
         self.eval_every = eval_every
