@@ -4,6 +4,12 @@ Run: ``pytest benchmarks --benchmark-json benchmarks/results/<device>/<name>.jso
 ``python benchmarks/summarize.py``. On CPU CI, ``pytest benchmarks --benchmark-disable`` is a smoke test.
 Triton on CPU runs in its interpreter (numpy per program instance): its timings mean nothing, so CPU runs
 never time the triton provider.
+
+``compile-<mode>`` providers (``torch.compile`` of the eager reference, benchmarks/_compiled.py) carry the
+``compiled`` marker; ``--compiled first`` (default) runs the first runnable one of each file that does not compile a
+whole network (``compiled_model``), ``--compiled all`` every one, ``--compiled none`` none. Every timed case records
+``os.getloadavg()`` before and after it (``loadavg_before`` / ``loadavg_after`` in ``extra_info``): the machine may be
+shared.
 """
 
 import os
@@ -49,10 +55,37 @@ def env_info():
     return info
 
 
+def pytest_addoption(parser):
+    parser.addoption("--compiled", choices=("none", "first", "all"), default="first",
+                     help="torch.compile providers of the op benchmarks: the first of each file (default), all, none")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "compiled: a torch.compile provider (selected by --compiled)")
+    config.addinivalue_line("markers", "compiled_model: a torch.compile provider that compiles a network (minutes)")
+
+
+@pytest.fixture(autouse=True)
+def _loadavg(request):
+    """The load average before and after each benchmark, in its extra_info."""
+    bench = request.getfixturevalue("benchmark") if "benchmark" in request.fixturenames else None
+    before = os.getloadavg()
+    yield
+    if bench is not None:
+        bench.extra_info.update(loadavg_before=list(before), loadavg_after=list(os.getloadavg()))
+
+
 def pytest_collection_modifyitems(config, items):
-    if HAS_CUDA:
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device (none present)")
+    which = config.getoption("--compiled", default="first")
+    kept = set()
+    skip_compiled = pytest.mark.skip(reason=f"torch.compile provider: run with --compiled all (--compiled {which})")
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device (none present)")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+        elif "compiled" in item.keywords:
+            first = which == "first" and item.fspath not in kept and "compiled_model" not in item.keywords
+            if which == "all" or first:
+                kept.add(item.fspath)
+            else:
+                item.add_marker(skip_compiled)

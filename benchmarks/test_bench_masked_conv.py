@@ -9,6 +9,10 @@ Cases:
   ``unmasked`` = the plain model's forward + backward with weight gradients (the target's yardstick).
 - AWM's mask optimiser step over every PreActResNet18 conv mask (11 M elements): ``torch.optim.Adam`` + clamp
   (``eager``) against :func:`fastpurify.ops.masked_adam_clamp_`.
+``compile-<mode>`` (benchmarks/_compiled.py): ``torch.compile`` of the ``eager`` formulation — the parametrised
+model's loss for the forward + backward (its backward is AOTAutograd's; checked on the loss, rtol 1e-4: the compiled
+convolutions reduce in another order), and ``masked_adam_clamp_ref`` for the mask step (at a fixed Adam step 1: an
+int argument that changes every call makes dynamo recompile; the work per call is the same).
 CPU smoke run (``--benchmark-disable``): batch 2, same code paths.
 """
 
@@ -23,14 +27,16 @@ from torch import nn
 from fastpurify.masked import MaskedModel
 from fastpurify.models import PreActResNet18
 from fastpurify.ops import masked_adam_clamp_
+from fastpurify.reference.masked_conv import masked_adam_clamp_ref
 
+from ._compiled import check_compiled, compile_params, compiled_or_skip
 from .conftest import HAS_CUDA, sync
 
 CPU_PROVIDERS = ["unmasked", "eager", "torch", "cpp", "cpp-multi"]
 GPU_PROVIDERS = ["unmasked", "eager", "torch", "cuda", "cuda-multi", "triton"]
 CASES = [pytest.param(p, "cpu", id=f"cpu-{p}") for p in CPU_PROVIDERS] + [
     pytest.param(p, "cuda", id=f"cuda-{p}", marks=pytest.mark.gpu) for p in GPU_PROVIDERS
-]
+] + compile_params("cpu", model=True) + compile_params("cuda", model=True)
 
 
 class _Mul(nn.Module):
@@ -47,7 +53,7 @@ def _model(provider, device):
     net = PreActResNet18().to(device).eval()
     if provider == "unmasked":
         return net, list(net.parameters())
-    if provider == "eager":
+    if provider == "eager" or provider.startswith("compile-"):
         net = copy.deepcopy(net)
         masks = []
         for m in net.modules():
@@ -69,10 +75,15 @@ def test_masked_forward_backward(benchmark, env_info, provider, device):
     x = torch.rand(batch, 3, 32, 32, generator=g).to(device)
     y = torch.randint(0, 10, (batch,), generator=g).to(device)
 
+    compiled = None
+    if provider.startswith("compile-"):
+        compiled = compiled_or_skip(benchmark, lambda xx, yy: F.cross_entropy(model(xx), yy), provider, (x, y),
+                                    rtol=1e-4, atol=1e-5, sync=lambda: sync(device))
+
     def run():
         for p in params:
             p.grad = None
-        F.cross_entropy(model(x), y).backward()
+        (compiled() if compiled is not None else F.cross_entropy(model(x), y)).backward()
         sync(device)
 
     run()  # warm-up: lazy module loading, Triton compilation, oneDNN/cuDNN plans
@@ -81,12 +92,13 @@ def test_masked_forward_backward(benchmark, env_info, provider, device):
     benchmark.extra_info.update({"op": "masked_conv2d", "provider": provider, "shape": [batch, 3, 32, 32],
                                  "dtype": "float32", "model": "preact_resnet18"})
     benchmark.pedantic(run, rounds=10 if HAS_CUDA else 5, iterations=1, warmup_rounds=1)
+    check_compiled(benchmark)
     assert all(p.grad is not None for p in params)
 
 
 ADAM_CASES = [pytest.param(p, "cpu", id=f"cpu-{p}") for p in ("eager", "torch", "cpp")] + [
     pytest.param(p, "cuda", id=f"cuda-{p}", marks=pytest.mark.gpu) for p in ("eager", "cuda", "triton")
-]
+] + compile_params("cpu") + compile_params("cuda")
 
 
 @pytest.mark.parametrize("provider,device", ADAM_CASES)
@@ -110,6 +122,17 @@ def test_masked_adam_clamp(benchmark, env_info, provider, device):
                 for p in params:
                     p.clamp_(0, 1)
             sync(device)
+    elif provider.startswith("compile-"):
+        ea, es = [torch.zeros_like(m) for m in masks], [torch.zeros_like(m) for m in masks]
+
+        def step(ms, gs, a, s):
+            masked_adam_clamp_ref(ms, gs, a, s, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, l1=1e-8, step=1)
+
+        compiled = compiled_or_skip(benchmark, step, provider, (masks, grads, ea, es), sync=lambda: sync(device))
+
+        def run():
+            compiled()
+            sync(device)
     else:
         ea = [torch.zeros_like(m) for m in masks]
         es = [torch.zeros_like(m) for m in masks]
@@ -128,3 +151,4 @@ def test_masked_adam_clamp(benchmark, env_info, provider, device):
     benchmark.extra_info.update({"op": "masked_adam_clamp_", "provider": provider, "shape": [n], "dtype": "float32",
                                  "bytes": 7 * 4 * n})
     benchmark.pedantic(run, rounds=10, iterations=1, warmup_rounds=1)
+    check_compiled(benchmark)

@@ -32,6 +32,15 @@ before every clock read):
 ``speedup`` is ``reference defense_s / fast defense_s``; ``agree`` says whether the fast path's ACC and ASR
 after the defense lie within ±1 point of the reference's (``specs/evaluation.md``).
 
+A third kind of provider, ``providers=[..., "compile"]`` (``fastpurify bench --providers reference,fast,compile``),
+is what a user would try first to make a reference fast: the reference defense, unchanged, given
+``torch.compile(model)`` (modes ``default`` / ``max-autotune-no-cudagraphs`` on a CPU, ``reduce-overhead`` on a
+GPU). The model is compiled, not the reference's step functions: those are host syncs, boolean-mask indexing and
+``backward()`` calls between model calls, each a graph break, while the model is where the compute is. Its first
+call compiles (``compile_s`` is reported apart), the warm calls after it are timed, and its ACC/ASR are checked
+against the reference's; a provider that cannot compile (I-BAU: double backward) records the exception's first
+line instead of stopping the bench. :mod:`fastpurify.bench_compile` has the details.
+
 Default settings (:data:`BENCH_SETTINGS`): each defense's published hyper-parameters with a shortened
 schedule so that a run on a CPU finishes in minutes; the caller overrides any of them per defense.
 
@@ -387,7 +396,8 @@ def _progress(progress, total: int):
 def run_comparison(defenses: Sequence[str], workload: Workload, settings: Optional[Mapping[str, Mapping]] = None,
                    seed: int = 0, progress: Union[bool, Callable[[str], None], None] = False, *,
                    device=None, repeats: int = 1, warmup: bool = True,
-                   fast_settings: Optional[Mapping[str, Mapping]] = None) -> List[Dict[str, Any]]:
+                   fast_settings: Optional[Mapping[str, Mapping]] = None,
+                   providers: Sequence[str] = ("reference", "fast")) -> List[Dict[str, Any]]:
     """For each defense, the reference then the fast path on the same model copy, clean data and seed, one
     after the other in this process; one row (a dict) per defense (the module docstring says what each field
     measures).
@@ -395,16 +405,22 @@ def run_comparison(defenses: Sequence[str], workload: Workload, settings: Option
     ``settings``: per-defense overrides of :data:`BENCH_SETTINGS` (``{"sau": {"epochs": 2}}``), applied to both
     paths; ``fast_settings``: extra options of the fast path only (``{"sau": {"precision": "bf16"}}``).
     ``repeats``: timed calls per path (interleaved reference, fast, reference, ...; ``defense_s`` is their
-    median; only the first is evaluated). ``device``: default CUDA when available, else CPU.
+    median; only the first is evaluated). ``device``: default CUDA when available, else CPU. ``providers``:
+    ``reference`` (always), ``fast``, and ``compile`` / ``compile-max`` / ``compile:MODE``: the reference given
+    ``torch.compile(model)``, run after the other two (:mod:`fastpurify.bench_compile` says what is compiled and
+    timed); their records are in ``row["compiled"]``, the fastest provider in ``row["best"]``.
 
     Row keys: ``defense``, ``settings``, ``fast_settings``, ``seed``, ``clean_count``, ``eval_count``,
     ``has_fast_path``, ``fast_path`` (``"fast path"`` or ``"no fast path"``), ``reference`` and ``fast`` (the
     path records; ``fast`` is None without a fast path), ``speedup``, ``agree``, ``workload``, ``device``.
     """
     from . import defenses as fast_defenses
+    from .bench_compile import best_provider, compiled_providers, judge, parse_providers, run_compiled
     from .reference import defenses as ref_defenses
 
     names = check_defenses(defenses)
+    providers = parse_providers(providers)
+    compiled = compiled_providers(providers)
     _positive("repeats", repeats)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an integer, got {seed!r}")
@@ -416,7 +432,8 @@ def run_comparison(defenses: Sequence[str], workload: Workload, settings: Option
     resolved = {n: resolve_settings(n, workload, settings.get(n)) for n in names}
 
     per_path = (1 if warmup else 0) + 3 + (repeats - 1)  # warm-up, evaluate before, defense, evaluate after
-    total = sum(per_path * (2 if fast_defenses.FAST_PATHS.get(n) else 1) for n in names)
+    total = sum(per_path * (2 if fast_defenses.FAST_PATHS.get(n) and "fast" in providers else 1) + len(compiled)
+                for n in names)
     bar, say = _progress(progress, total)
 
     def step(msg: str) -> None:
@@ -429,7 +446,7 @@ def run_comparison(defenses: Sequence[str], workload: Workload, settings: Option
         for name in names:
             has_fast = bool(fast_defenses.FAST_PATHS.get(name))
             paths = [("reference", getattr(ref_defenses, name), resolved[name])]
-            if has_fast:
+            if has_fast and "fast" in providers:
                 paths.append(("fast", getattr(fast_defenses, name), {**resolved[name], **fast_settings.get(name, {})}))
             model = workload.model_factory().to(dev).eval()  # the one input model of both paths
             clean = _clean_for(name, *workload.clean)
@@ -462,13 +479,26 @@ def run_comparison(defenses: Sequence[str], workload: Workload, settings: Option
             if fast is not None:
                 agree = all(abs(fast["after"][k] - ref["after"][k]) <= 1.0 for k in ("acc", "asr")
                             if ref["after"][k] is not None and fast["after"][k] is not None)
+            comp = {}
+            for prov in compiled:  # the reference again, given torch.compile(model): after the others
+                say(f"{name} {prov}: compile + first call, then {repeats} warm call(s)")
+                comp[prov] = run_compiled(
+                    prov, lambda m, f=paths[0][1], n=name, c=clean: _call(f, n, m, workload, c, resolved[n], seed, dev),
+                    model, lambda m: _evaluate(m, workload, dev), repeats, dev.type)
+                judge(comp[prov], ref)
+                step(f"{name} {prov}: " + (f"{comp[prov]['defense_s']:.1f} s" if comp[prov]["status"] == "ok"
+                                            else comp[prov]["error"]))
+            row_compiled = {"compiled": comp, "providers": providers} if compiled else {}
             rows.append({
+                **row_compiled,
                 "defense": name, "settings": resolved[name], "fast_settings": dict(fast_settings.get(name, {})),
                 "seed": seed, "clean_count": int(workload.clean[0].shape[0]),
                 "eval_count": int(workload.eval_x.shape[0]), "has_fast_path": has_fast,
                 "fast_path": "fast path" if has_fast else "no fast path", "reference": ref, "fast": fast,
                 "speedup": speedup, "agree": agree, "workload": workload.name, "device": str(dev),
             })
+            if compiled:
+                rows[-1]["best"] = best_provider(rows[-1])
     finally:
         if bar is not None:
             bar.close()
@@ -505,14 +535,17 @@ def _metric(ref: Mapping[str, Any], fast: Optional[Mapping[str, Any]], key: str)
 
 def render_markdown(rows: Sequence[Mapping[str, Any]], *, title: Optional[str] = None) -> str:
     """A markdown table, one line per row of :func:`run_comparison`, and a legend."""
+    from .bench_compile import extra_columns
+
+    head, extra, legend = extra_columns(rows, _secs, _num)  # the compiled providers' columns, if any ran
     lines = [title, ""] if title else []
     lines += [
         "| defense | settings | ref s | fast s | speedup | eval s ref / fast | cold start s ref / fast | "
         "warm-up s ref / fast | ACC before → after ref / fast | ASR before → after ref / fast | "
-        "RA before → after ref / fast |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "RA before → after ref / fast |" + "".join(f" {h} |" for h in head),
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |" + " --- |" * len(head),
     ]
-    for r in rows:
+    for r, more in zip(rows, extra):
         ref, fast = r["reference"], r.get("fast")
         settings = fmt_settings(r["settings"])
         if r.get("fast_settings"):
@@ -522,7 +555,7 @@ def render_markdown(rows: Sequence[Mapping[str, Any]], *, title: Optional[str] =
             f"| {r['defense']} | {settings} | {_secs(ref['defense_s'])} | "
             f"{_secs(fast['defense_s']) if fast else 'no fast path'} | {speed} | {_pair(ref, fast, 'eval_s')} | "
             f"{_pair(ref, fast, 'cold_start_s')} | {_pair(ref, fast, 'warmup_s')} | {_metric(ref, fast, 'acc')} | "
-            f"{_metric(ref, fast, 'asr')} | {_metric(ref, fast, 'ra')} |")
+            f"{_metric(ref, fast, 'asr')} | {_metric(ref, fast, 'ra')} |" + "".join(f" {c} |" for c in more))
     lines += [
         "",
         "ref s / fast s: the defense alone (`result.timings[\"defense\"]`, evaluation excluded; median of the timed "
@@ -530,6 +563,7 @@ def render_markdown(rows: Sequence[Mapping[str, Any]], *, title: Optional[str] =
         "wall time of the timed call minus its defense and eval time (input checks, model copy, data checks, "
         "set-up before the first round). warm-up: a throw-away call on one batch, one round, made first. ACC, "
         "ASR, RA in percent (ASR and RA over triggered images whose label is not the target).",
+        *legend,
     ]
     return "\n".join(lines) + "\n"
 

@@ -312,6 +312,9 @@ def _cmd_bench(args) -> int:
 
     device = _device(args.device)
     names = check_defenses(_split_names(args.defenses) or list(DEFENSES))
+    from .bench_compile import parse_providers
+
+    providers = parse_providers(args.providers)
     _check_arch(args.arch)
     for opt in ("epochs", "batch_size", "n_clean", "n_eval", "n_train", "train_epochs", "repeats"):
         v = getattr(args, opt, None)
@@ -361,7 +364,7 @@ def _cmd_bench(args) -> int:
         print(f"workload: {wl.info['source']}; defenses {', '.join(names)}; device {device}, "
               f"{env['threads']} threads, seed {args.seed}", flush=True)
     rows = run_comparison(names, wl, overrides, seed=args.seed, progress=progress, device=device,
-                          repeats=args.repeats, warmup=not args.no_warmup)
+                          repeats=args.repeats, warmup=not args.no_warmup, providers=providers)
     if args.json:
         print(json.dumps({"workload": wl.describe(), "environment": env, "rows": rows}, default=str))
     else:
@@ -464,6 +467,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--train-epochs", type=int, default=None, help="synthetic training epochs (default 4)")
     s.add_argument("--repeats", type=int, default=1, help="timed calls per path (median; default 1)")
     s.add_argument("--no-warmup", action="store_true", help="skip the throw-away warm-up call of each path")
+    s.add_argument("--providers", default="reference,fast", metavar="LIST",
+                   help="comma-separated: reference (always), fast, compile (the reference given torch.compile(model), "
+                        "mode default on CPU / reduce-overhead on GPU), compile-max (max-autotune-no-cudagraphs), "
+                        "compile:MODE; compiled providers report compile time apart and are checked against the "
+                        "reference's ACC/ASR (default: reference,fast)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="auto")
     s.add_argument("--json", action="store_true", help="print one JSON object (rows + environment)")
