@@ -15,6 +15,7 @@ import sys
 import time
 from typing import List, Optional, Sequence
 
+from . import sweep
 from .backend import BackendUnavailableError
 from .defenses import PurificationError, TimeBudgetError
 
@@ -109,14 +110,21 @@ def _print_eval(title: str, r) -> None:
 def _cmd_evaluate(args) -> int:
     from .data import load_cifar10
     from .metrics import evaluate
-    from .models import load_checkpoint
+    from .models.factory import load_model, model_from_args
     from .triggers import parse_trigger
 
-    trigger = parse_trigger(args.trigger) if args.trigger else None  # cheap checks first
+    if args.record is not None:  # a BackdoorBench attack record: fastpurify/cli_record.py
+        from .cli_record import cmd_evaluate_record
+
+        return cmd_evaluate_record(args)
+    spec, model_kwargs = model_from_args(args)  # cheap checks first
+    if args.checkpoint is None:
+        raise ValueError("evaluate needs --checkpoint FILE (or --record PATH, a BackdoorBench attack record)")
+    trigger = parse_trigger(args.trigger) if args.trigger else None
     if trigger is not None and args.target is None:
         raise ValueError("--trigger needs --target T (the attack's target label)")
     device = _device(args.device)
-    model = load_checkpoint(args.checkpoint, arch=args.arch).to(device)
+    model = load_model(args.checkpoint, spec, model_kwargs).to(device)
     x, y = load_cifar10(args.data, split="test", count=args.count)
     t0 = time.perf_counter()
     r = evaluate(model, x, y, trigger=trigger, target=args.target, batch_size=args.batch_size, device=device)
@@ -184,7 +192,7 @@ def _demo_defense_rows(args, model, trigger, xt, yt, before, device, names) -> l
     for name in names:
         fn = getattr(ref_defenses if args.reference else fast_defenses, name)
         clean = xc if name == "bcu" else (xc, yc)  # BCU uses no labels
-        result = fn(model, clean, seed=args.seed, device=device, progress=not args.json and sys.stderr.isatty(),
+        result = fn(model, clean, seed=args.seed, device=device, progress=True,  # on stderr: fastpurify/_progress.py
                     **DEMO_DEFENSES[name])
         after = evaluate(result.model, xt, yt, trigger=trigger, target=args.target, device=device)
         row = {"defense": name, "path": "reference" if args.reference else fast_defenses.status()[name],
@@ -258,7 +266,7 @@ def _cmd_demo(args) -> int:
     model, _ = train_backdoored(
         "small_vgg", x, y, trigger=trigger, target=args.target, poison_rate=args.poison_rate, epochs=epochs,
         lr=DEMO["lr"], batch_size=DEMO["batch_size"], augment=augment, device=device, seed=args.seed,
-        progress=not args.json and sys.stderr.isatty(),
+        progress=True,  # on stderr: a bar on a terminal, a line per epoch in a log
     )
     train_s = time.perf_counter() - t0
     r = evaluate(model, xt, yt, trigger=trigger, target=args.target, device=device)
@@ -315,7 +323,11 @@ def _cmd_bench(args) -> int:
     from .bench_compile import parse_providers
 
     providers = parse_providers(args.providers)
-    _check_arch(args.arch)
+    from .models.factory import bench_model
+
+    build_model = bench_model(args)  # --arch / --model / --model-kwargs, checked before any work
+    if build_model is None:
+        _check_arch(args.arch)
     for opt in ("epochs", "batch_size", "n_clean", "n_eval", "n_train", "train_epochs", "repeats"):
         v = getattr(args, opt, None)
         if v is not None and v < 1:
@@ -351,7 +363,8 @@ def _cmd_bench(args) -> int:
     if args.checkpoint is not None:
         path, spec, target = resolve_checkpoint(args.checkpoint, args.data, args.trigger, args.target)
         wl = real_workload(path, args.data, trigger=spec, target=target, arch=args.arch,
-                           n_clean=args.n_clean or 2500, n_eval=args.n_eval)
+                           n_clean=args.n_clean or 2500, n_eval=args.n_eval,
+                           model=build_model() if build_model is not None else None)
     else:
         sizes = {k: getattr(args, k) for k in ("n_train", "train_epochs", "n_clean", "n_eval")
                  if getattr(args, k) is not None}
@@ -378,6 +391,18 @@ def _cmd_bench(args) -> int:
 # --------------------------------------------------------------------------------------------------------
 
 
+def _add_model_options(s, record: bool) -> None:
+    """--model / --model-kwargs (any model: fastpurify/models/factory.py) and --record (fastpurify/backdoorbench.py)."""
+    s.add_argument("--model", default=None, metavar="MODULE:FACTORY", help="a model of your own: the factory that "
+                   "builds it, e.g. mypkg.net:build or path/to/net.py:build (or a built-in name); instead of --arch")
+    s.add_argument("--model-kwargs", default=None, metavar="JSON", help="keyword arguments of the --model factory, "
+                   "a JSON object, e.g. '{\"num_classes\": 10}'")
+    if record:
+        s.add_argument("--record", default=None, metavar="PATH", help="a BackdoorBench attack record (its folder or "
+                       "attack_result.pt) instead of --checkpoint/--trigger/--target: it carries the model, the "
+                       "triggered test set and the target")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastpurify", description="Purify backdoored PyTorch image classifiers fast.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -388,8 +413,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_info)
 
     s = sub.add_parser("evaluate", help="ACC / ASR / RA of a checkpoint on the CIFAR-10 test batch")
-    s.add_argument("--arch", default="small_vgg", help="model architecture (small_vgg, preact_resnet18, resnet18)")
-    s.add_argument("--checkpoint", required=True, help="checkpoint file (state dict, {'net': ...} or {'model': ...})")
+    s.add_argument("--arch", default=None, help="built-in architecture: small_vgg (default), preact_resnet18, resnet18")
+    s.add_argument("--checkpoint", default=None, help="checkpoint file (state dict, {'net': ...} or {'model': ...}, "
+                                                      "or .safetensors)")
+    _add_model_options(s, record=True)
     s.add_argument("--data", default=None, help="folder holding cifar-10-batches-py (default: $FASTPURIFY_DATA "
                                                 "or ../shared/data)")
     s.add_argument("--trigger", default=None, help="trigger SPEC, e.g. patch:size=4,row=27,col=27,value=1 | "
@@ -404,15 +431,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("purify", help="purify a checkpoint on CIFAR-10 clean data and measure before/after")
     s.add_argument("defense", help="sau | ibau | awm | baerase | bcu")
-    s.add_argument("--arch", default="small_vgg")
-    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--arch", default=None, help="built-in architecture: small_vgg (default), preact_resnet18, resnet18")
+    _add_model_options(s, record=True)
+    s.add_argument("--checkpoint", default=None, help="checkpoint file (required here or in --config)")
     s.add_argument("--data", default=None, help="folder holding cifar-10-batches-py")
     s.add_argument("--clean-count", type=int, default=2500, help="the defender's clean set: the first N training "
                                                                    "images (default 2500)")
     s.add_argument("--eval-count", type=int, default=None, help="evaluate on the first N test images (default all)")
-    s.add_argument("--trigger", required=True, help="the attack's trigger SPEC (used only to evaluate)")
-    s.add_argument("--target", type=int, required=True, help="the attack's target label (used only to evaluate)")
+    s.add_argument("--trigger", default=None, help="the attack's trigger SPEC (used only to evaluate; required here "
+                                                   "or in --config)")
+    s.add_argument("--target", type=int, default=None, help="the attack's target label (used only to evaluate; "
+                                                            "required here or in --config)")
     s.add_argument("--reference", action="store_true", help="run the faithful eager port of the published code")
+    s.add_argument("--config", default=None, metavar="FILE", help="YAML/JSON file of this command's options and "
+                   "the defense's settings (keys as in the Python API; options given here win): fastpurify/config.py")
     s.add_argument("--epochs", type=int, default=None)
     s.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="finish within SECONDS: the schedule is fitted after a warm-up round (status and schedule say "
@@ -431,6 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                   "every round)")
     s.add_argument("--resume", default=None, metavar="PATH", help="continue an interrupted run from its state file "
                                                                    "(give the same command and options again)")
+    s.add_argument("--plot", default=None, metavar="PNG", help="draw the per-round curves and the before/after table "
+                                                               "to this PNG (needs pip install fastpurify[plot])")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_cmd_purify)
 
@@ -450,9 +484,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("bench", help="time each defense's reference against its fast path on this machine")
     s.add_argument("--defenses", nargs="+", default=None, help="sau ibau awm baerase bcu (default: all; commas ok)")
-    s.add_argument("--arch", default="small_vgg", help="synthetic workload's model: small_vgg | preact_resnet18 | "
+    s.add_argument("--arch", default=None, help="synthetic workload's model: small_vgg (default) | preact_resnet18 | "
                                                        "resnet18 (with --checkpoint: its architecture)")
     s.add_argument("--batch-size", type=int, default=None, help="every defense's batch size (default: its own)")
+    _add_model_options(s, record=False)
     s.add_argument("--checkpoint", default=None, help="a backdoored checkpoint (or badnets | trojan_wm, the shared "
                                                       "ones) instead of the synthetic workload")
     s.add_argument("--data", default=None, help="with --checkpoint: folder holding cifar-10-batches-py")
@@ -476,11 +511,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     s.add_argument("--json", action="store_true", help="print one JSON object (rows + environment)")
     s.set_defaults(func=_cmd_bench)
+    sweep.add_parser(sub)  # fastpurify sweep: fastpurify/sweep.py
+    from .plot import add_parser as add_plot_parser
+
+    add_plot_parser(sub)  # fastpurify plot: fastpurify/plot.py
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # purify --config: which options the command line gave
     try:
         return args.func(args)
     except USER_ERRORS as e:

@@ -86,17 +86,19 @@ def _check_purify(args) -> dict:
     besides the model, data, seed, device and progress."""
     from .defenses import DEFENSES
     from .defenses._run import COMMON_OPTIONS
+    from .models.factory import model_from_args
 
     name = args.defense.lower()
     if name not in DEFENSES:
         raise ValueError(f"unknown defense {args.defense!r}; valid: {', '.join(DEFENSES)}")
+    args.model_choice = model_from_args(args)  # --arch / --model / --model-kwargs: fastpurify/models/factory.py
     check_counts(clean_count=args.clean_count, eval_count=args.eval_count, epochs=args.epochs,
                  checkpoint_every=args.checkpoint_every)
-    if not 0 <= args.target < NUM_CLASSES:
+    if args.target is not None and not 0 <= args.target < NUM_CLASSES:  # None: a --record carries its target
         raise ValueError(f"--target {args.target} is not a CIFAR-10 label: expected one in [0, {NUM_CLASSES})")
     if args.time_budget is not None and not (math.isfinite(args.time_budget) and args.time_budget > 0):
         raise ValueError(f"--time-budget must be a positive number of seconds, got {args.time_budget:g}")
-    sets = parse_sets(args.set)
+    sets = {**getattr(args, "config_settings", {}), **parse_sets(args.set)}  # a --config file's, below --set
     for k in sets:
         if k in CLI_OWNED:
             raise ValueError(f"--set {k}=...: {CLI_OWNED[k]}")
@@ -108,7 +110,11 @@ def _check_purify(args) -> dict:
         kwargs["epochs"] = args.epochs
     if args.time_budget is not None:
         kwargs["time_budget"] = args.time_budget
-    if args.out is not None:
+    if getattr(args, "plot", None) is not None:  # matplotlib and the file, before any work
+        from .plot import check_plot_file
+
+        check_writable_file(check_plot_file(args.plot, "--plot"), "--plot")
+    if args.out is not None and getattr(args, "record", None) is None:  # with --record: a folder (backdoorbench.py)
         check_writable_file(args.out, "--out")
     state = args.state
     if state is None and args.checkpoint_every is not None:
@@ -127,11 +133,15 @@ def _check_purify(args) -> dict:
 
 
 def _save_model(path, result, args, name: str) -> None:
-    import torch
+    """``{'model': state dict, 'arch', 'defense', ...}`` by torch.save, or a .safetensors file with the rest as its
+    metadata (fastpurify.models.save_checkpoint)."""
+    from .models import save_checkpoint
 
-    torch.save({"model": result.model.state_dict(), "arch": args.arch, "defense": name,
-                "reference": bool(args.reference), "config": result.config, "status": result.status,
-                "rounds": result.schedule.get("rounds", len(result.history))}, path)
+    extra = {"arch": args.arch, "defense": name, "reference": bool(args.reference), "config": result.config,
+             "status": result.status, "rounds": result.schedule.get("rounds", len(result.history))}
+    if getattr(args, "model_choice", (None, None))[1]:
+        extra["model_kwargs"] = args.model_choice[1]
+    save_checkpoint(path, result.model.state_dict(), extra)
 
 
 def _interrupted(args, name: str, result, kwargs: dict) -> int:
@@ -144,7 +154,7 @@ def _interrupted(args, name: str, result, kwargs: dict) -> int:
         msg = f"interrupted before the first round of {name} completed: nothing was purified, nothing written; {how}"
         path = None
     else:
-        path = args.out or INTERRUPTED_FILE
+        path = (args.out if getattr(args, "record", None) is None else None) or INTERRUPTED_FILE
         _save_model(path, result, args, name)
         msg = f"interrupted: saved the model after {done} of {asked} rounds of {name} to {path}; {how}"
     if args.json:
@@ -154,38 +164,60 @@ def _interrupted(args, name: str, result, kwargs: dict) -> int:
     return EXIT_INTERRUPTED
 
 
+def run_defense(name: str, model, x, y, *, reference: bool, seed: int, device, progress: bool, **kwargs):
+    """Run defense ``name`` (its fast path, or the reference port) on ``model`` with the clean images ``x`` and
+    labels ``y`` (BCU uses no labels); returns its PurifyResult. Used by ``purify`` and ``sweep``."""
+    from . import defenses as fast_defenses
+    from .reference import defenses as ref_defenses
+
+    fn = getattr(ref_defenses if reference else fast_defenses, name)
+    return fn(model, x if name == "bcu" else (x, y), seed=seed, device=device, progress=progress, **kwargs)
+
+
+def before_after(model, result, xt, yt, trigger, target: int, device):
+    """ACC/ASR/RA of the input ``model`` and of ``result.model`` on ``(xt, yt)``: ``(before, after, eval seconds)``
+    (the seconds include the defense's own evaluations). Used by ``purify`` and ``sweep``."""
+    from .metrics import evaluate
+
+    t0 = time.perf_counter()
+    before = evaluate(model, xt, yt, trigger=trigger, target=target, device=device)
+    after = evaluate(result.model, xt, yt, trigger=trigger, target=target, device=device)
+    return before, after, time.perf_counter() - t0 + result.timings.get("eval", 0.0)
+
+
 def cmd_purify(args) -> int:
     from . import defenses as fast_defenses
+    from .config import purify_config
     from .data import load_cifar10
-    from .metrics import der, evaluate
-    from .models import load_checkpoint
-    from .reference import defenses as ref_defenses
+    from .metrics import der
+    from .models.factory import load_model
     from .triggers import parse_trigger
 
-    kwargs = _check_purify(args)  # every check that needs no model or data, before any loading
+    if getattr(args, "record", None) is not None:  # a BackdoorBench attack record: fastpurify/cli_record.py
+        from .cli_record import cmd_purify_record
+
+        return cmd_purify_record(args)
+    with purify_config(args):  # --config FILE fills the options not given (fastpurify/config.py)
+        kwargs = _check_purify(args)  # every check that needs no model or data, before any loading
     name = args.defense.lower()
     trigger = parse_trigger(args.trigger)
     device = _device(args.device)
-    model = load_checkpoint(args.checkpoint, arch=args.arch).to(device)
+    model = load_model(args.checkpoint, *args.model_choice).to(device)
     x, y = load_cifar10(args.data, split="train", count=args.clean_count)
     xt, yt = load_cifar10(args.data, split="test", count=args.eval_count)
-    fn = getattr(ref_defenses if args.reference else fast_defenses, name)
-    clean = x if name == "bcu" else (x, y)  # BCU uses no labels
 
     # The defense runs first: it checks the model and data against its configuration before any work (a clean
     # set smaller than one batch, a backend that cannot run), so no such error waits for an evaluation. The model
     # it was given is not modified (it works on a copy), so "before" is measured on it afterwards.
-    progress = not args.json and sys.stderr.isatty()
+    progress = True  # on stderr (a bar on a terminal, lines in a log: fastpurify/_progress.py); stdout stays clean
     try:
-        result = fn(model, clean, seed=args.seed, device=device, progress=progress, **kwargs)
+        result = run_defense(name, model, x, y, reference=args.reference, seed=args.seed, device=device,
+                             progress=progress, **kwargs)
     except Interrupted as e:
         return _interrupted(args, name, e.result, kwargs)
     if args.out:
         _save_model(args.out, result, args, name)
-    t0 = time.perf_counter()
-    before = evaluate(model, xt, yt, trigger=trigger, target=args.target, device=device)
-    after = evaluate(result.model, xt, yt, trigger=trigger, target=args.target, device=device)
-    eval_s = time.perf_counter() - t0 + result.timings.get("eval", 0.0)
+    before, after, eval_s = before_after(model, result, xt, yt, trigger, args.target, device)
     out = {
         "defense": name, "path": "reference" if args.reference else fast_defenses.status()[name],
         "arch": args.arch, "checkpoint": str(args.checkpoint), "clean_count": len(y), "eval_count": len(yt),
@@ -194,14 +226,27 @@ def cmd_purify(args) -> int:
         "der": der(before, after), "defense_seconds": result.timings.get("defense"), "eval_seconds": eval_s,
         "status": result.status, "rounds": len(result.history), "schedule": result.schedule,
         "config": result.config, "device": str(device), "seed": args.seed, "out": args.out,
-        "state": kwargs.get("checkpoint"),
+        "state": kwargs.get("checkpoint"), "history": result.history,
     }
+    return report(args, out, before, after, os.path.basename(str(args.checkpoint)))
+
+
+def report(args, out: dict, before, after, source: str) -> int:
+    """The end of ``purify`` (also with ``--record``): the plot, then one JSON object or the human summary of
+    ``out`` (the run's fields) with the before/after lines."""
+    if getattr(args, "plot", None) is not None:  # per-round curves and the before/after table: fastpurify/plot.py
+        from .plot import plot_result
+
+        out["plot"] = plot_result(out, args.plot)
     if args.json:
         print(json.dumps(out, default=str))
     else:
-        print(f"{name} ({out['path']}) on {os.path.basename(str(args.checkpoint))}, {len(y)} clean images, "
-              f"{len(result.history)} rounds, {out['defense_seconds']:.1f} s on {device} ({result.status})")
+        print(f"{out['defense']} ({out['path']}) on {source}, {out['clean_count']} clean images, {out['rounds']} "
+              f"rounds, {out['defense_seconds']:.1f} s on {out['device']} ({out['status']})")
         _print_eval("  before", before)
         _print_eval("  after ", after)
-        print(f"  DER {out['der']:.2f} %   evaluation {eval_s:.1f} s" + (f"   saved to {args.out}" if args.out else ""))
+        print(f"  DER {out['der']:.2f} %   evaluation {out['eval_seconds']:.1f} s"
+              + (f"   saved to {out['out']}" if out["out"] else ""))
+        if out.get("plot"):
+            print(f"  plot {out['plot']}")
     return 0
