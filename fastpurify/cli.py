@@ -18,6 +18,7 @@ from typing import List, Optional, Sequence
 from . import sweep
 from .backend import BackendUnavailableError
 from .defenses import PurificationError, TimeBudgetError
+from .options import ListOptionsAction
 
 # What the user gave was wrong or cannot run here: one line, no traceback. PurificationError (and its
 # DivergenceError): the run ended without a usable model, and the message says what to change.
@@ -443,6 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--target", type=int, default=None, help="the attack's target label (used only to evaluate; "
                                                             "required here or in --config)")
     s.add_argument("--reference", action="store_true", help="run the faithful eager port of the published code")
+    s.add_argument("--list-options", action=ListOptionsAction,
+                   help="list the defense's settings (the --set keys) with their defaults and exit; after "
+                        "--reference: the reference's")
     s.add_argument("--config", default=None, metavar="FILE", help="YAML/JSON file of this command's options and "
                    "the defense's settings (keys as in the Python API; options given here win): fastpurify/config.py")
     s.add_argument("--epochs", type=int, default=None)

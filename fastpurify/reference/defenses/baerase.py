@@ -91,8 +91,8 @@ class BAERASEConfig:
     gen_betas: Tuple[float, float] = (0.5, 0.999)  # Adam betas of G and T
     ma_rate: float = 0.001  # MINE moving-average rate of mean exp T (bias-corrected gradient)
     lr: float = 1e-4  # SGD lr of the unlearning
-    momentum: float = 0.9
-    weight_decay: float = 0.0
+    momentum: float = 0.9  # SGD momentum of the unlearning
+    weight_decay: float = 0.0  # SGD weight decay of the unlearning
     clean_weight: float = 100.0  # α_u: weight of the clean CE in the unlearning loss
     l1_weight: float = 1e-6  # weight of ‖θ − θ0‖₁
     position: str = "random"  # where patches are stamped: "random" (one location per batch) or "corner"

@@ -64,15 +64,15 @@ class BCUConfig:
     """BCU hyper-parameters (published defaults)."""
 
     epochs: int = 100  # distillation epochs E
-    batch_size: int = 256
+    batch_size: int = 256  # images per distillation step
     lr: float = 0.01  # SGD
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 5e-4  # SGD weight decay
     cosine_t_max: int = 100  # the published CosineAnnealingLR(T_max=100), stepped per epoch
     reinit_rates: Dict[str, float] = field(default_factory=_default_rates)  # p per layer group
     stage_map: Optional[Dict[str, str]] = None  # module-name prefix -> group, overriding the derived groups
     temperature_start: float = 1.0  # T_e = temperature_start + temperature_rise * (e + 1) / E
-    temperature_rise: float = 3.0
+    temperature_rise: float = 3.0  # how much the distillation temperature grows over the E epochs
     augment: bool = True  # random crop (pad 4) + horizontal flip
     tau: float = 0.99  # the published (unused by the loss) confidence threshold of the pseudo-label term
 
