@@ -142,6 +142,24 @@ def test_eval_count_keeps_the_triggered_images_among_the_first(bench_root):
     assert rec.bd_index.max() < 50 and len(rec.bd_index) == int((bench_root["test"][1][:50] != TARGET).sum())
 
 
+def test_images_kept_on_disk(tmp_path, bench_root):
+    """BackdoorBench's save_folder_path mode: the container holds {"path", "other_info"} and the PNG files lie in
+    the record folder, named relative to the BackdoorBench checkout."""
+    folder = _bad(tmp_path, bench_root)
+    obj = torch.load(folder / "attack_result.pt", weights_only=False)
+    table = obj["bd_test"]["bd_data_container"]["data_dict"]
+    for i, (im, target, label) in list(table.items()):
+        rel = f"record/bad/bd_test_dataset/{label}/{i}.png"
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        im.save(tmp_path / rel)
+        table[i] = {"path": rel, "other_info": [target, label]}
+    obj["bd_test"]["bd_data_container"]["save_folder_path"] = "record/bad/bd_test_dataset"
+    torch.save(obj, folder / "attack_result.pt")
+    rec = read_record(folder, model=_tiny_factory, clean_count=0, eval_count=60)
+    ref = read_record(bench_root["record"], model=_tiny_factory, clean_count=0, eval_count=60)
+    assert torch.equal(rec.bd_x, ref.bd_x) and torch.equal(rec.bd_y, ref.bd_y)  # PNG is lossless
+
+
 def test_preact_resnet18_record_loads_with_its_keys(tmp_path, bench_root):
     """BackdoorBench's PreActResNet18 and fastpurify's have the same state-dict keys: a record of one loads with
     no model= at all."""
