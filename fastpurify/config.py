@@ -24,9 +24,10 @@ Rules:
   ``--set KEY=VALUE`` wins over the file's ``KEY``; the file wins over the command's defaults.
 - **Command inputs** are the destinations of ``fastpurify purify``'s options (``checkpoint``, ``arch``, ``data``,
   ``trigger``, ``target``, ``clean_count``, ``eval_count``, ``out``, ``seed``, ``device``, ``epochs``,
-  ``time_budget``, ``reference``, ``checkpoint_every``, ``state``, ``resume``, and any added later); each takes
-  the type its option takes (an integer for ``target``, a number for ``time_budget``, true/false for
-  ``reference``). ``defense:`` may be given too, and must then name the command's defense.
+  ``time_budget``, ``reference``, ``checkpoint_every``, ``state``, ``resume``, ``model``, ``model_kwargs``, and
+  any added later); each takes the type its option takes (an integer for ``target``, a number for
+  ``time_budget``, true/false for ``reference``, a mapping for ``model_kwargs``). ``defense:`` may be given too,
+  and must then name the command's defense; ``record:`` may not (give ``--record PATH`` on the command line).
 - **Every other key is a defense setting**, checked as ``--set`` is (the same names, the same validation) before
   anything is loaded; ``progress``, ``inplace`` and ``eval_data`` belong to the command and are refused.
 - Relative paths are taken from the current directory, as on the command line.
@@ -184,6 +185,8 @@ def apply_purify_config(args, argv) -> Dict[str, str]:
         if key in _CLI_ONLY:
             raise ValueError(f"{path}: {key}: {_CLI_ONLY[key]}")
         if key in actions:
+            if key == "model_kwargs" and isinstance(value, dict):  # a mapping here; --model-kwargs takes JSON text
+                value = json.dumps(value)
             value = check_type(value, _option_kind(actions[key]), f"{path}: {key}")
             if key not in given:
                 setattr(args, key, value)

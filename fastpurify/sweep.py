@@ -59,7 +59,7 @@ import signal
 import sys
 import threading
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
@@ -87,7 +87,6 @@ class Study:
     device: str = "auto"
     workers: Optional[int] = None
     threads_per_worker: Optional[int] = None
-    extra: Dict[str, Any] = field(default_factory=dict)
 
 
 def record_reader():
@@ -95,7 +94,9 @@ def record_reader():
     this installation cannot read them."""
     try:
         from .backdoorbench import read_record
-    except ImportError:
+    except ImportError as e:
+        if e.name != "fastpurify.backdoorbench":  # the module is there; something it needs is not
+            raise
         raise ValueError("record: checkpoints (BackdoorBench records) need fastpurify.backdoorbench, which this "
                          "version of fastpurify does not have; give path:, arch:, trigger: and target: instead"
                          ) from None
@@ -534,9 +535,9 @@ def cmd_sweep(args) -> int:
         raise ValueError(f"out_dir {str(study.out_dir)!r} cannot be created ({e.strerror or e})") from None
     for stale in cells_dir.glob(".*.tmp"):  # a worker killed while writing its row
         stale.unlink(missing_ok=True)
-    how = (f"{min(len(plans), max(1, len(todo)))} worker(s) x {plans[0]['threads']} thread(s)" if plans else
-           "this process (--workers 0)")
-    print(f"sweep {study.name}: {len(study.cells)} cells ({len(done)} already done, {len(todo)} to run) on {how} -> "
+    how = (f" on {min(len(plans), len(todo))} worker(s) x {plans[0]['threads']} thread(s)" if plans else
+           " in this process (--workers 0)") if todo else ""
+    print(f"sweep {study.name}: {len(study.cells)} cells ({len(done)} already done, {len(todo)} to run){how} -> "
           f"{study.out_dir}", flush=True)
     rows = dict(done)
     count = [0]

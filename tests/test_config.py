@@ -42,6 +42,9 @@ def test_file_fills_options_and_the_command_line_wins(tmp_path, no_work):  # noq
     assert kwargs["batch_size"] == 32  # --set wins over the file's setting
     args, kwargs = _checked(["purify", "sau", "--config", str(f), "--clean-count", "7", "--target", "3"])
     assert (args.clean_count, args.target, args.seed, kwargs["batch_size"]) == (7, 3, 5, 64)
+    f.write_text(f.read_text() + "model: tests/userpkg/net.py:build\nmodel_kwargs: {width: 8}\n")
+    args, _ = _checked(["purify", "sau", "--config", str(f)])
+    assert args.model_choice == ("tests/userpkg/net.py:build", {"width": 8})  # a mapping, as --model-kwargs' JSON
 
 
 @pytest.mark.slow

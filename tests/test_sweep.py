@@ -237,3 +237,46 @@ def test_two_workers_ctrl_c_and_resume_give_the_uninterrupted_table(grid, one_th
             assert got[k] == pytest.approx(ref[k], abs=1e-6), (cell["cell"], k)
     table = (out / "results.csv").read_text().splitlines()
     assert len(table) == 9 and (out / "summary.md").read_text().count("| 2 | 0 |") == 4
+
+
+# --------------------------------------------------------------------------------------------------------
+# --plot, and BackdoorBench records as checkpoints
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_plot_draws_the_sweep(grid, capsys, one_thread):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("fastpurify.plot")
+    root, study = grid
+    study.update(seeds=[0], checkpoints=study["checkpoints"][:1], defenses={"bcu": study["defenses"]["bcu"]})
+    out = root / "out"
+    assert main(["sweep", _write(root / "s.json", study), "--out", str(out), "--workers", "0", "--plot"]) == 0
+    assert f"plot: {out / 'sweep.png'}" in capsys.readouterr().out
+    assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_backdoorbench_record_as_a_checkpoint(tmp_path, capsys, one_thread):
+    """``record: PATH`` runs the cell on the record's model, clean images and triggered test images."""
+    pytest.importorskip("fastpurify.backdoorbench")
+    pytest.importorskip("PIL.Image")
+    from _tiny import tiny_cnn
+    from test_backdoorbench import _write_cifar, _write_record
+
+    from fastpurify.triggers import AddTrigger
+
+    g = torch.Generator().manual_seed(0)
+    train = (torch.randint(0, 256, (64, 3, 32, 32), generator=g).float() / 255, torch.arange(64) % 10)
+    test = (torch.randint(0, 256, (30, 3, 32, 32), generator=g).float() / 255, torch.arange(30) % 10)
+    _write_cifar(tmp_path / "data" / "cifar10" / "cifar-10-batches-py", train, test)
+    trigger = AddTrigger(torch.full((3, 32, 32), 0.1))
+    folder = _write_record(tmp_path, "additive", "tiny_cnn", tiny_cnn(seed=0).state_dict(), trigger, test)
+    entry = {"name": "bb", "record": str(folder), "model": TINY}
+    study = {"data": str(tmp_path / "data"), "clean_count": 64, "eval_count": 30, "settings": {"epochs": 1},
+             "defenses": {"bcu": {"small": {"batch_size": 32, "augment": False}}}, "checkpoints": [entry]}
+    assert main(["sweep", _write(tmp_path / "s.json", study), "--out", str(tmp_path / "out"), "--workers", "0"]) == 0
+    (row,) = _rows(tmp_path / "out").values()
+    assert row["status"] == "completed" and row["checkpoint"] == "bb" and row["rounds"] == 1
+    assert all(0 <= row[k] <= 100 for k in METRICS[:6])
+    entry["target"] = 0  # a record carries its own target
+    assert main(["sweep", _write(tmp_path / "bad.json", study), "--out", str(tmp_path / "out2")]) == 2
+    assert "checkpoints[0]: target: a record carries its own model, trigger and target" in capsys.readouterr().err
