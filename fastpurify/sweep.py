@@ -42,8 +42,10 @@ Outputs in ``out_dir``: ``cells/<cell id>.json`` (one finished row per cell, wri
 A cell's id is its name plus a hash of everything that decides its result (defense, path, settings, the
 checkpoint's bytes, trigger, target, data folder, counts, seed), so a rerun skips the finished cells, redoes a
 cell killed midway, and never reuses a row whose settings changed. A failed cell (a DivergenceError, say) is a
-row with its error; the others go on, and the exit status is 1. Ctrl-C stops the workers (exit 130); the
-finished cells are kept and the same command goes on where it stopped.
+row with its error; the others go on, and the exit status is 1; its row is kept like a finished one (the same
+settings fail the same way), and ``--retry-failed`` runs it again. A worker process that dies mid-cell fails
+that cell without writing its row (a rerun tries it again) and is replaced. Ctrl-C stops the workers (exit 130);
+the finished cells are kept and the same command goes on where it stopped.
 """
 
 from __future__ import annotations

@@ -184,6 +184,46 @@ def test_failed_cell_is_a_row_and_the_others_go_on(grid, capsys, one_thread):
     assert "(2 already done, 1 to run)" in capsys.readouterr().out
 
 
+def test_worker_plan_cpu_and_gpu_pinning(monkeypatch):
+    """Workers per device: one per GPU pinned with CUDA_VISIBLE_DEVICES (round robin when more are asked), on a
+    CPU one per threads_per_worker cores (default all cores in one); 0 workers: none (in this process)."""
+    from fastpurify.sweep import worker_plan
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    plan = lambda *a: [(w["threads"], w["env"]) for w in worker_plan(*a)]  # noqa: E731
+    assert plan("auto", None, None) == [(8, {"OMP_NUM_THREADS": "8", "MKL_NUM_THREADS": "8"})]
+    assert [t for t, _ in plan("auto", None, 2)] == [2, 2, 2, 2]
+    assert [t for t, _ in plan("cpu", 3, None)] == [2, 2, 2]
+    assert plan("auto", 0, None) == []
+    with pytest.raises(ValueError, match="no CUDA device is visible"):
+        worker_plan("cuda", None, None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert plan("auto", None, None) == [(4, {"CUDA_VISIBLE_DEVICES": "0"}), (4, {"CUDA_VISIBLE_DEVICES": "1"})]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert [e["CUDA_VISIBLE_DEVICES"] for _, e in plan("cuda", 3, None)] == ["3", "5", "3"]
+    assert [t for t, _ in plan("cpu", None, None)] == [8]  # device: cpu stays on the CPU
+
+
+@pytest.mark.slow
+def test_a_worker_that_dies_fails_its_cell_and_is_replaced(grid, capsys):
+    """A worker process that ends mid-cell (here: the model factory exits the process) gives that cell a failed
+    row, not written to cells/ (a rerun tries it again); a new worker takes the next cell."""
+    root, study = grid
+    (root / "dies.py").write_text("import os\n\n\ndef build():\n    os._exit(3)\n")
+    for c in study["checkpoints"]:
+        c["model"] = f"{root / 'dies.py'}:build"
+    study.update(seeds=[0], defenses={"bcu": study["defenses"]["bcu"]})
+    out = root / "out"
+    assert main(["sweep", _write(root / "s.json", study), "--out", str(out), "--workers", "1"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out.count("FAILED the worker process ended (exit code 3) during this cell") == 2, captured.out
+    assert [r["status"] for r in _rows(out).values()] == ["failed", "failed"]
+    assert not list((out / "cells").glob("*.json"))
+
+
 # --------------------------------------------------------------------------------------------------------
 # Two workers, Ctrl-C midway, resume: the same table as an uninterrupted run
 # --------------------------------------------------------------------------------------------------------
