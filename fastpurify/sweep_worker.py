@@ -113,8 +113,15 @@ def run_cell(cell: Dict[str, Any], cache: Optional[Dict[Any, Any]] = None) -> Di
             row["traceback"] = traceback.format_exc()
     row["seconds"] = time.perf_counter() - t0
     row["worker"] = os.getpid()
+    row["threads"] = _threads()
     row["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     return row
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def worker_main(conn, threads: int, cells_dir: str) -> None:
