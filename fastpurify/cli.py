@@ -185,7 +185,7 @@ def _demo_defense_rows(args, model, trigger, xt, yt, before, device, names) -> l
     """Run each defense on the demo model with DEMO_DEFENSES' settings; one result row per defense."""
     from . import defenses as fast_defenses
     from .data import synthetic_dataset
-    from .metrics import der, evaluate
+    from .metrics import der, evaluate, verdict
     from .reference import defenses as ref_defenses
 
     xc, yc = synthetic_dataset(n=args.clean_count, seed=args.seed + 1000, split="train")  # the defender's set
@@ -199,7 +199,7 @@ def _demo_defense_rows(args, model, trigger, xt, yt, before, device, names) -> l
         row = {"defense": name, "path": "reference" if args.reference else fast_defenses.status()[name],
                "seconds": result.timings.get("defense"), "rounds": len(result.history), "status": result.status,
                "settings": DEMO_DEFENSES[name], "acc": after.acc, "asr": after.asr, "ra": after.ra,
-               "der": der(before, after)}
+               "der": der(before, after), "verdict": verdict(before, after)}
         rows.append(row)
         if not args.json:
             print(f"  {name}: done in {row['seconds']:.1f} s ({row['path']}, {row['rounds']} rounds)", flush=True)
@@ -208,14 +208,23 @@ def _demo_defense_rows(args, model, trigger, xt, yt, before, device, names) -> l
 
 def _print_demo_table(before, rows) -> None:
     print()
-    print("| defense | path      | seconds | ACC before | ACC after | ASR before | ASR after | RA after | DER   |")
-    print("| ------- | --------- | ------- | ---------- | --------- | ---------- | --------- | -------- | ----- |")
+    from .metrics import BAR
+
+    print("| defense | path      | seconds | ACC before | ACC after | ASR before | ASR after | RA after | DER   "
+          "| bar |")
+    print("| ------- | --------- | ------- | ---------- | --------- | ---------- | --------- | -------- | ----- "
+          "| --- |")
     for r in rows:
         path = "fast" if r["path"] == "fast path" else "reference"
         print(f"| {r['defense']:<7} | {path:<9} | {r['seconds']:7.1f} | {before.acc:10.2f} | {r['acc']:9.2f} | "
-              f"{before.asr:10.2f} | {r['asr']:9.2f} | {r['ra']:8.2f} | {r['der']:5.1f} |")
+              f"{before.asr:10.2f} | {r['asr']:9.2f} | {r['ra']:8.2f} | {r['der']:5.1f} | "
+              f"{'yes' if r['verdict']['met'] else 'no ':<3} |")
     print("\nACC: clean accuracy; ASR: attack success on triggered non-target images; RA: their recovered accuracy; "
           "DER: defense effectiveness rating (percent)")
+    print(f"bar: the backdoor counts as removed when ASR <= {BAR['max_asr']:g} % and ACC drops by at most "
+          f"{BAR['max_acc_drop']:g} points")
+    for r in rows:
+        print(f"  {r['defense']}: {r['verdict']['text']}")
 
 
 def _cmd_demo(args) -> int:

@@ -234,6 +234,10 @@ def cmd_purify(args) -> int:
 def report(args, out: dict, before, after, source: str) -> int:
     """The end of ``purify`` (also with ``--record``): the plot, then one JSON object or the human summary of
     ``out`` (the run's fields) with the before/after lines."""
+    if before.asr is not None and after.asr is not None:  # the plain verdict against the bar (metrics.BAR)
+        from .metrics import BAR, verdict
+
+        out["verdict"] = {**verdict(before, after), "bar": dict(BAR)}
     if getattr(args, "plot", None) is not None:  # per-round curves and the before/after table: fastpurify/plot.py
         from .plot import plot_result
 
@@ -247,6 +251,8 @@ def report(args, out: dict, before, after, source: str) -> int:
         _print_eval("  after ", after)
         print(f"  DER {out['der']:.2f} %   evaluation {out['eval_seconds']:.1f} s"
               + (f"   saved to {out['out']}" if out["out"] else ""))
+        if out.get("verdict"):
+            print(f"  {out['verdict']['text']}")
         if out.get("plot"):
             print(f"  plot {out['plot']}")
     return 0

@@ -173,6 +173,8 @@ def test_purify_human_output(capsys):
                  "patch:size=4,row=27,col=27,value=1", "--target", "8"]) == 0
     out = capsys.readouterr().out
     assert "bcu (" in out and "before" in out and "after" in out and "DER" in out and "128 clean images" in out
+    # a plain verdict against the bar (one epoch of BCU on 128 images does not remove the backdoor)
+    assert "backdoor NOT removed: ASR" in out and "> 5 %" in out
 
 
 def test_purify_bad_inputs_are_one_clear_line(capsys, tmp_path):

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from fastpurify.data import default_data_dir, load_cifar10
-from fastpurify.metrics import EvalResult, der, evaluate
+from fastpurify.metrics import EvalResult, der, evaluate, verdict
 from fastpurify.models import load_checkpoint
 from fastpurify.triggers import PatchTrigger
 
@@ -173,6 +173,18 @@ def test_der_formula():
         der(EvalResult(84.0, None, None, 10, 8, 0, 0, 0), after)
     with pytest.raises(ValueError, match="percentage"):
         der((0.84, 97.0), (83.0, 150.0))
+
+
+def test_verdict_against_the_bar():
+    removed = verdict((84.0, 97.0), (82.0, 5.0))  # on the bar: met
+    assert removed["met"] and removed["text"].startswith("backdoor removed:") and removed["acc_drop"] == 2.0
+    costly = verdict((84.0, 97.0), (80.5, 1.0))
+    assert not costly["met"] and costly["asr_ok"] and not costly["acc_ok"] and "too high a cost" in costly["text"]
+    kept = verdict(EvalResult(84.0, 97.0, 2.0, 10, 8, 9, 8, 0), EvalResult(84.0, 60.0, 30.0, 10, 8, 9, 5, 3))
+    assert not kept["met"] and kept["text"].startswith("backdoor NOT removed: ASR 60.00 % > 5 %")
+    assert verdict((84.0, 97.0), (80.0, 9.0), max_asr=10, max_acc_drop=5)["met"]  # the bar can be changed
+    with pytest.raises(ValueError, match="ACC and ASR"):
+        verdict((84.0, 97.0), EvalResult(84.0, None, None, 10, 8, 0, 0, 0))
 
 
 # --------------------------------------------------------------------------------------- the real checkpoints

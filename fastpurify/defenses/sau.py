@@ -109,9 +109,12 @@ def unlearning_loss_fast(net: nn.Module, ref: nn.Module, x: Tensor, y: Tensor, d
     loss = cfg.lmd1 * loss_clean
     if cfg.lmd2 != 0:
         loss = loss + cfg.lmd2 * F.cross_entropy(adv_logits, y)
-    prob = F.softmax(adv_logits, dim=1)
-    pos = prob.gather(1, y_adv0.unsqueeze(1)).squeeze(1)
-    neg = prob.scatter(1, y_adv0.unsqueeze(1), 0.0).sum(dim=1)  # summed directly: 1 − π cancels when π ≈ 1
+    # One softmax per term, as the reference and the published code: a (B, C) softmax more, and the backward
+    # passes round as theirs do (one shared softmax moved the gradients by up to 8e-4 relative through the
+    # 1/(1e-6 + .) factors, enough to flip a potential poison a round later).
+    pos = F.softmax(adv_logits, dim=1).gather(1, y_adv0.unsqueeze(1)).squeeze(1)
+    # summed directly: 1 − π cancels when π ≈ 1
+    neg = F.softmax(adv_logits, dim=1).scatter(1, y_adv0.unsqueeze(1), 0.0).sum(dim=1)
     sar = -torch.log(1e-6 + neg.clamp(max=0.999)) - torch.log(1 + 1e-6 - pos.clamp(min=0.001))
     loss_sar = (sar * poison).sum() / 2 / n
     loss = loss + cfg.lmd3 * loss_sar

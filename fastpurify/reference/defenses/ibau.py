@@ -43,8 +43,9 @@ Choices where the published code leaves room:
   fix: when the tolerance is met hypertorch returns the iterate *before* the converged one (its
   ``x_last``); here the converged iterate is returned. A zero right-hand side (no row got δ, e.g. a last
   batch of fewer than 100 images) returns v = 0 instead of hypertorch's 0/0 = NaN.
-- ``clamp_images=True`` clamps x+δ to [0, 1] everywhere, as the authors' notebook does (``defense.py`` and
-  the default do not).
+- ``clamp_images=True`` clamps x+δ to [0, 1] everywhere. An option, not the published behaviour: neither the
+  authors' notebook nor ``defense.py`` clamps (their clamps are commented out), and the default ``False``
+  matches them.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ class IBAUConfig:
     """I-BAU hyper-parameters; defaults are the authors' ``defense.py`` (CIFAR-10)."""
 
     epochs: int = 5  # rounds (``n_rounds``): one perturbation pass + one hypergradient pass each
-    batch_size: int = 100
+    batch_size: int = 100  # images per batch, in both passes (the authors' 100)
     lr: float = 1e-3  # outer learning rate (authors: Adam 1e-3; BackdoorBench: 1e-4 with amsgrad)
     optimizer: str = "adam"  # outer optimiser: 'adam' | 'sgd' (plain SGD, the authors' other choice)
     amsgrad: bool = False  # Adam's amsgrad (BackdoorBench: True)
@@ -79,7 +80,7 @@ class IBAUConfig:
     delta_reg: float = 0.001  # weight of ‖δ‖² in the perturbation and inner losses
     delta_l2_radius: Optional[float] = None  # rescale δ into this L2 ball after the pass (notebook: 10)
     outer_portion: float = 0.01  # fraction of each outer batch that gets δ (⌊portion·B⌋ rows)
-    clamp_images: bool = False  # clamp x+δ to [0, 1] (the notebook does; defense.py does not)
+    clamp_images: bool = False  # clamp x+δ to [0, 1] (an option: the notebook and defense.py do not clamp)
     shuffle: bool = False  # reshuffle the batches every round (authors: fixed order)
 
     def validate(self) -> None:

@@ -67,7 +67,7 @@ class SAUConfig:
     """SAU hyper-parameters; defaults are BackdoorBench's ``config/defense/sau/config.yaml`` (CIFAR-10)."""
 
     epochs: int = 100  # rounds = epochs over the clean data (``n_rounds``)
-    batch_size: int = 256
+    batch_size: int = 256  # images per unlearning step (and per shared-PGD attack)
     lr: float = 1e-4  # Adam learning rate (constant)
     amsgrad: bool = True  # BackdoorBench builds every Adam with amsgrad=True
     betas: Tuple[float, float] = (0.9, 0.999)  # Adam betas
@@ -260,9 +260,11 @@ def unlearning_loss(net: nn.Module, ref: nn.Module, x: Tensor, y: Tensor, delta:
         loss_sar = torch.zeros((), device=x.device)
     else:
         one_hot = F.one_hot(y_adv0, num_classes=num_classes)
-        prob = F.softmax(adv_logits, dim=1)
-        pos = (prob * one_hot).sum(dim=1)[poison]
-        neg = (prob * (1 - one_hot)).sum(dim=1)[poison]
+        # The published code applies the softmax twice, once per term. Equal in exact arithmetic to one shared
+        # softmax, but the two backward passes through it round differently (up to 8e-4 relative in the gradient
+        # through the 1/(1e-6 + .) factors below): kept as published.
+        pos = (F.softmax(adv_logits, dim=1) * one_hot).sum(dim=1)[poison]
+        neg = (F.softmax(adv_logits, dim=1) * (1 - one_hot)).sum(dim=1)[poison]
         # Two forms of −log(1 − π), averaged as published: equal in exact arithmetic, they round differently
         # when π is near 1, and the clamps drop samples that are already unlearned (π < 0.001).
         loss_sar = (-torch.sum(torch.log(1e-6 + neg.clamp(max=0.999)))
