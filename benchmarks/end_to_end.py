@@ -21,11 +21,18 @@ Usage::
     python benchmarks/end_to_end.py --checkpoint trojan_wm --fast-precision bf16  # rows beside the fp32 ones
     python benchmarks/end_to_end.py --checkpoint PATH --trigger SPEC --target T --arch small_vgg
     python benchmarks/end_to_end.py --n-clean 500 --n-eval 1000 --set sau.pgd_steps=3 --repeats 3
+    python benchmarks/end_to_end.py --providers reference,fast,compile,compile-max   # + torch.compile(model)
+
+With compiled providers (``--providers``, fastpurify/bench_compile.py: the reference defense given
+``torch.compile(model)``, compile time apart, ACC/ASR checked against the reference) the rows are kept beside
+the reference-vs-fast ones and rendered in their own table; each run records ``os.getloadavg()`` before and after
+it (the machine may be shared).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -46,6 +53,7 @@ from fastpurify.bench import (  # noqa: E402
     resolve_checkpoint,
     run_comparison,
 )
+from fastpurify.bench_compile import compiled_providers, parse_providers  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data"
 
@@ -54,7 +62,8 @@ def row_key(r: dict) -> tuple:
     """A row's identity: defense, checkpoint and the fast path's own options (``--fast-set``), so that a
     ``precision=bf16`` row sits beside the fp32 one instead of replacing it."""
     fast = r.get("fast_settings") or {}
-    return r["defense"], r["checkpoint"], ",".join(f"{k}={fast[k]}" for k in sorted(fast))
+    return (r["defense"], r["checkpoint"], ",".join(f"{k}={fast[k]}" for k in sorted(fast)),
+            ",".join(compiled_providers(r.get("providers") or [])))
 
 
 def merge_rows(folder: Path, new_rows: list, env: dict) -> None:
@@ -79,16 +88,39 @@ def render_tables(rows: list, env: dict) -> str:
         lines.append(f"## {ck}: {w.get('clean_count')} clean images, {w.get('eval_count')} evaluation images "
                      f"(trigger {w.get('trigger_spec', w.get('trigger'))}, target {w.get('target')})")
         lines.append("")
-        lines.append(render_markdown(part).rstrip("\n").split("\n\n")[0])
-        lines.append("")
-        runs: dict = {}
-        for r in part:
-            e = r["environment"]
-            how = f"commit {e.get('commit')}, {e['threads']} threads, `{e['command']}`"
-            runs.setdefault(how, []).append(r["defense"])
-        lines += ["Runs: " + "; ".join(f"{', '.join(ds)}: {how}" for how, ds in runs.items()), ""]
-    lines.append(render_markdown([]).split("\n\n", 1)[1].strip())
+        plain = [r for r in part if not r.get("compiled")]
+        with_compile = [r for r in part if r.get("compiled")]
+        for group, title in ((plain, None), (with_compile, f"### {ck}: with the compiled reference (torch.compile)")):
+            if not group:
+                continue
+            if title:
+                w = group[0]["workload_info"]
+                lines += [title, "", f"{w.get('clean_count')} clean images, {w.get('eval_count')} evaluation images. "
+                          "The machine was shared with other jobs while these ran: the load average (1, 5, 15 min) "
+                          "measured before and after each defense is in the Runs line; reference, fast and compiled "
+                          "ran one after the other in one process under the same load.", ""]
+            lines.append(render_markdown(group).rstrip("\n").split("\n\n")[0])
+            lines.append("")
+            runs: dict = {}
+            for r in group:
+                e = r["environment"]
+                how = f"commit {e.get('commit')}, {e['threads']} threads, `{e['command']}`"
+                runs.setdefault(how, []).append(r["defense"] + _load(e))
+            lines += ["Runs: " + "; ".join(f"{', '.join(ds)}: {how}" for how, ds in runs.items()), ""]
+    legend = render_markdown([]).split("\n\n", 1)[1].strip()
+    if any(r.get("compiled") for r in rows):
+        legend += "\n\n" + render_markdown([r for r in rows if r.get("compiled")][:1]).split("\n\n", 1)[1].strip(
+        ).split("\n")[-1]
+    lines.append(legend)
     return "\n".join(lines) + "\n"
+
+
+def _load(env: dict) -> str:
+    before, after = env.get("loadavg_before"), env.get("loadavg_after")
+    if not before:
+        return ""
+    fmt = lambda v: "/".join(f"{x:.1f}" for x in v)  # noqa: E731
+    return f" (load {fmt(before)} → {fmt(after)})"
 
 
 def main(argv=None) -> int:
@@ -112,6 +144,9 @@ def main(argv=None) -> int:
                     help="an option of the fast path only, e.g. --fast-set sau.precision=bf16")
     ap.add_argument("--fast-precision", choices=("fp32", "bf16"), default=None,
                     help="the fast path's precision for every defense run (its rows sit beside the fp32 ones)")
+    ap.add_argument("--providers", default="reference,fast",
+                    help="reference,fast (default) plus compile | compile-max | compile:MODE: the reference given "
+                         "torch.compile(model) (fastpurify/bench_compile.py)")
     ap.add_argument("--repeats", type=int, default=1, help="timed calls per path (median; default 1)")
     ap.add_argument("--no-warmup", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
@@ -120,6 +155,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    providers = parse_providers(args.providers)
     overrides = parse_defense_sets(args.set)
     fast_overrides = parse_defense_sets(args.fast_set)
     if args.fast_precision == "bf16":
@@ -140,10 +176,11 @@ def main(argv=None) -> int:
         print(f"  {msg}", flush=True)
 
     for d in args.defenses:  # one at a time, merged after each, so that a long run keeps what it finished
+        load_before = list(os.getloadavg())
         rows = run_comparison([d], wl, overrides, seed=args.seed, progress=say, device=device, repeats=args.repeats,
-                              warmup=not args.no_warmup, fast_settings=fast_overrides)
+                              warmup=not args.no_warmup, fast_settings=fast_overrides, providers=providers)
         env = environment(device)
-        env["device_tag"] = device_tag()
+        env.update(device_tag=device_tag(), loadavg_before=load_before, loadavg_after=list(os.getloadavg()))
         for r in rows:
             r.update(checkpoint=ck_name, workload_info=wl.describe(), environment=env)
         merge_rows(folder, rows, env)
@@ -151,7 +188,9 @@ def main(argv=None) -> int:
         speed = f"{r['speedup']:.2f}x" if r["speedup"] else r["fast_path"]
         print(f"{d}: reference {r['reference']['defense_s']:.1f} s, "
               + (f"fast {r['fast']['defense_s']:.1f} s, " if r["fast"] else "")
-              + f"speedup {speed}", flush=True)
+              + f"speedup {speed}"
+              + "".join(f", {p} " + (f"{c['defense_s']:.1f} s (compile {c['compile_s']:.1f} s)" if c["status"] == "ok"
+                                     else c["error"]) for p, c in (r.get("compiled") or {}).items()), flush=True)
     print(f"wrote {folder / 'end_to_end.md'}")
     return 0
 

@@ -5,6 +5,13 @@ Reads every ``benchmarks/results/<device>/*.json`` written by ``pytest benchmark
 writes ``benchmarks/results/<device>/summary.md``; then replaces the block between the
 ``<!-- benchmarks:begin -->`` and ``<!-- benchmarks:end -->`` markers of README.md with all summaries.
 
+Compiled providers (``compile-<mode>``: ``torch.compile`` of the eager reference, benchmarks/_compiled.py) get their
+cold compile time in the ``compile s`` column; ``vs best other`` is the best other provider's median over this one's
+(above 1: this one is the fastest of its group), and ``★`` marks a compiled reference that beats every other provider
+of its group, kernels included. Result files named ``<op>_compile.json`` hold a run of every CPU provider with the
+compiled ones, all under the same load; their groups are labelled ``(compile run)``. The load average recorded
+before and after each case is summarised per file under the table.
+
 Usage: ``python benchmarks/summarize.py [--no-readme]``
 """
 
@@ -38,6 +45,7 @@ def summarize_device(folder: Path) -> str:
     groups = defaultdict(list)
     env = {}
     seen = defaultdict(lambda: defaultdict(set))  # key -> value -> result files (stems) that recorded it
+    loads = defaultdict(list)  # result file -> 1-minute load averages recorded around its cases
     for f in sorted(folder.glob("*.json")):
         try:
             data = json.loads(f.read_text())
@@ -48,21 +56,38 @@ def summarize_device(folder: Path) -> str:
             env = env or extra
             for key in ("torch", "cuda", "triton", "threads", "commit"):
                 seen[key][str(extra.get(key))].add(f.stem)
-            groups[(f.stem, b.get("group") or b["name"])].append((extra.get("provider", b["name"]), b["stats"], extra))
+            group = (b.get("group") or b["name"]) + (" (compile run)" if f.stem.endswith("_compile") else "")
+            groups[(f.stem, group)].append((extra.get("provider", b["name"]), b["stats"], extra))
+            if extra.get("loadavg_before"):
+                loads[f.stem].append(extra["loadavg_before"][0])
+                loads[f.stem].append(extra.get("loadavg_after", extra["loadavg_before"])[0])
     if not groups:
         return ""
     lines = [f"### {env.get('device', folder.name)}", "",
              ", ".join(_where(seen, k, fmt) for k, fmt in (("torch", "torch {}"), ("cuda", "CUDA {}"), ("triton",
                        "triton {}"), ("threads", "{} CPU threads"), ("commit", "commit {}"))), "",
-             "| benchmark | provider | median | min | vs torch (eager reference) | GB/s |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             "| benchmark | provider | median | min | vs torch (eager reference) | vs best other | GB/s | compile s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for (_, group), rows in sorted(groups.items()):
         ref = next((s["median"] for p, s, _ in rows if p == "torch"), None)
         for provider, stats, extra in sorted(rows, key=lambda r: r[1]["median"]):
             speed = f"{ref / stats['median']:.2f}x" if ref else "-"
+            others = [s["median"] for p, s, _ in rows if p != provider]
+            vs_best = f"{min(others) / stats['median']:.2f}x" if others else "-"
             gbs = f"{extra['bytes'] / stats['median'] / 1e9:.1f}" if extra.get("bytes") else "-"
-            lines.append(f"| {group} | {provider} | {_fmt_time(stats['median'])} | {_fmt_time(stats['min'])} "
-                         f"| {speed} | {gbs} |")
+            comp = extra.get("compile") or {}
+            name = provider
+            if comp and others and stats["median"] < min(others):
+                name += " ★"
+            if comp and comp.get("matches_eager") is False:
+                name += " ✗ differs from eager"
+            csec = f"{comp['compile_s']:.1f}" if comp.get("compile_s") is not None else "-"
+            lines.append(f"| {group} | {name} | {_fmt_time(stats['median'])} | {_fmt_time(stats['min'])} "
+                         f"| {speed} | {vs_best} | {gbs} | {csec} |")
+    if loads:
+        lines += ["", "Load average (1 min) around the cases, min–max per result file (2 CPU threads; above 2 the "
+                      "machine was shared with other jobs): " + ", ".join(
+                          f"{stem} {min(v):.1f}–{max(v):.1f}" for stem, v in sorted(loads.items())) + "."]
     return "\n".join(lines) + "\n"
 
 

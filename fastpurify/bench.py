@@ -550,10 +550,11 @@ def render_markdown(rows: Sequence[Mapping[str, Any]], *, title: Optional[str] =
         settings = fmt_settings(r["settings"])
         if r.get("fast_settings"):
             settings += "; fast: " + fmt_settings(r["fast_settings"])
-        speed = "no fast path" if not fast else (f"{r['speedup']:.2f}×" if r.get("speedup") else "—")
+        absent = "not run" if r.get("has_fast_path") else "no fast path"  # not run: --providers left it out
+        speed = absent if not fast else (f"{r['speedup']:.2f}×" if r.get("speedup") else "—")
         lines.append(
             f"| {r['defense']} | {settings} | {_secs(ref['defense_s'])} | "
-            f"{_secs(fast['defense_s']) if fast else 'no fast path'} | {speed} | {_pair(ref, fast, 'eval_s')} | "
+            f"{_secs(fast['defense_s']) if fast else absent} | {speed} | {_pair(ref, fast, 'eval_s')} | "
             f"{_pair(ref, fast, 'cold_start_s')} | {_pair(ref, fast, 'warmup_s')} | {_metric(ref, fast, 'acc')} | "
             f"{_metric(ref, fast, 'asr')} | {_metric(ref, fast, 'ra')} |" + "".join(f" {c} |" for c in more))
     lines += [
