@@ -145,3 +145,29 @@ def test_summary_marks_a_compiled_reference_that_beats_the_kernels(tmp_path):
     assert "| cpp | 2.00 s | 2.00 s | 2.00x | 0.50x |" in text  # the kernel, half as fast as the compiled reference
     assert "compile-max-autotune-no-cudagraphs ✗ differs from eager" in text
     assert "pgd_compile 2.5–3.5" in text
+
+
+def test_end_to_end_keeps_compiled_rows_beside_the_others():
+    spec = importlib.util.spec_from_file_location("end_to_end", ROOT / "benchmarks" / "end_to_end.py")
+    e2e = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(e2e)
+
+    def row(compiled):
+        rec = {"defense_s": 2.0, "eval_s": 1.0, "cold_start_s": 0.0, "warmup_s": 1.0,
+               "before": {"acc": 80.0, "asr": 90.0, "ra": 1.0}, "after": {"acc": 79.0, "asr": 5.0, "ra": 60.0}}
+        r = {"defense": "bcu", "checkpoint": "badnets", "settings": {"epochs": 1}, "fast_settings": {},
+             "reference": rec, "fast": dict(rec, defense_s=1.0), "speedup": 2.0, "device": "cpu",
+             "workload_info": {"clean_count": 500, "eval_count": 2000},
+             "environment": {"commit": "abc", "threads": 2, "command": "end_to_end.py", "device": "cpu",
+                             "torch": "2.13", "loadavg_before": [3.0, 2.0, 1.0], "loadavg_after": [4.0, 2.5, 1.5]}}
+        if compiled:
+            r["providers"] = ["reference", "fast", "compile"]
+            r["compiled"] = {"compile": {"status": "error", "error": "RuntimeError: no double backward"}}
+        return r
+
+    plain, comp = row(False), row(True)
+    assert e2e.row_key(plain) != e2e.row_key(comp) and e2e.row_key(comp)[-1] == "compile"
+    text = e2e.render_tables([plain, comp], plain["environment"])
+    assert "### badnets: with the compiled reference (torch.compile)" in text
+    assert "failed: RuntimeError: no double backward" in text and "bcu (load 3.0/2.0/1.0 → 4.0/2.5/1.5)" in text
+    assert text.count("| bcu | epochs=1 |") == 2 and "compile: the reference defense given" in text
