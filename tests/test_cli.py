@@ -191,8 +191,25 @@ def test_purify_bad_inputs_are_one_clear_line(capsys, tmp_path):
     assert "--clean-count must be >= 1, got 0" in err
 
 
+class _TickClock:
+    """A clock that advances a fixed tick at every read: the defense's time is a count of its clock reads, the same
+    on a busy machine as on a quiet one (no wall-clock assertion)."""
+
+    def __init__(self, tick: float) -> None:
+        self.t, self.tick = 0.0, tick
+
+    def __call__(self) -> float:
+        self.t += self.tick
+        return self.t
+
+
 @needs_real
-def test_purify_time_budget(capsys):
+def test_purify_time_budget(capsys, monkeypatch):
+    import types
+
+    import fastpurify.defenses._run as run_mod
+
+    monkeypatch.setattr(run_mod, "time", types.SimpleNamespace(perf_counter=_TickClock(0.05)))
     base = ["--checkpoint", str(IBAU / "badnets_8_02_ckpt.pth"), "--data", str(DATA), "--clean-count", "256",
             "--eval-count", "100", "--trigger", "patch:size=4,row=27,col=27,value=1", "--target", "8"]
     # far too short for one step: one clear line, no model reported as purified
