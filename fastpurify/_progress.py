@@ -174,10 +174,9 @@ class Progress:
         self.steps, self.guess = 0, None
         done = self.round + 1
         if self.bar is not None:
+            self.round = done  # the steps still to come are those of the rounds after this one
             self._set_bar_total()
-            values = {k: f"{v:.4g}" for k, v in record.items() if k not in ("round", "seconds")
-                      and isinstance(v, float)}
-            self.bar.set_postfix(values, refresh=True)
+            self.bar.set_postfix_str(format_values(record), refresh=True)
             return
         self._last_line = now
         when = (f"ETA {self._eta(self._per_round() * (total - done))}" if done < total else

@@ -25,6 +25,12 @@ class Terminal(io.StringIO):
         return True
 
 
+class Seen(list):
+    """(round, bar.n, bar.total) after every step, and the bar itself."""
+
+    bar = None
+
+
 def _loop(rounds, file, clock, progress=True):
     return Loop("toy", rounds, device=torch.device("cpu"), seed=0, progress=progress, time_budget=None,
                 eval_fn=None, eval_every=1, clock=clock, progress_file=file)
@@ -44,6 +50,7 @@ def _run(loop, clock, *, n=32, batch_size=8, step_s=5.0, use_batches=True, steps
             bar = loop._progress.bar
             if seen is not None and bar is not None:
                 seen.append((r, bar.n, bar.total))
+                seen.bar = bar
         loop.log(loss=torch.tensor(0.5), asr=12.14)
 
 
@@ -114,22 +121,25 @@ def test_a_long_pass_before_the_first_model_step_is_reported():
 def test_terminal_bar_counts_steps_over_all_rounds():
     clock, term = FakeClock(), Terminal()
     loop = _loop(3, term, clock)
-    seen = []
+    seen = Seen()
     _run(loop, clock, seen=seen)  # 32 images in batches of 8: 4 steps per round, known from the first batches()
     assert loop._progress.mode == "bar"
+    bar = seen.bar
     assert seen[0] == (0, 1, 12) and seen[-1] == (2, 12, 12)
     assert [s[1] for s in seen] == list(range(1, 13))
     assert all(total == 12 for _, _, total in seen)
     out = term.getvalue()
     assert "toy round 1/3" in out and "toy round 3/3" in out and "steps" in out
     assert loop._progress.bar is None  # closed at the end
+    assert bar.total == 12 and bar.n == 12  # after the last round: no step left to come
+    assert "loss 0.5, ASR 12.1 %" in out  # the round's values beside the bar
 
 
 def test_terminal_bar_total_learned_from_the_first_round():
     """Steps made without loop.batches (a defense that draws its own): unknown in round 1, then rounds x steps."""
     clock, term = FakeClock(), Terminal()
     loop = _loop(3, term, clock)
-    seen = []
+    seen = Seen()
     _run(loop, clock, use_batches=False, steps=5, seen=seen)
     assert [total for r, _, total in seen if r == 0] == [None] * 5
     assert [total for r, _, total in seen if r > 0] == [15] * 10 and seen[-1][1] == 15
