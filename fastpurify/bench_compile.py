@@ -43,7 +43,9 @@ the first call.
 **Correctness.** The purified model is evaluated eagerly (its ``_orig_mod``) on the workload's evaluation data;
 ``matches_reference`` says whether its ACC and ASR lie within ±1 point of the reference's (as ``agree`` does
 for the fast path; compiled kernels round differently, and training amplifies that, so bit equality is not
-expected). A compiled provider that disagrees is flagged in the table.
+expected). A compiled provider that disagrees is flagged in the table. ``after_first_call`` holds the metrics of
+the compiling call's model too, so that a warm call that reuses graphs wrongly (but the first one right) shows.
+``matches_reference`` requires both calls to agree.
 """
 
 from __future__ import annotations
@@ -158,6 +160,7 @@ def run_compiled(provider: str, call: Callable[[nn.Module], Tuple[Any, float]], 
         try:
             result, first = call(compiled)
             graphs1, breaks1 = dynamo_counts()
+            first_after, _ = evaluate(unwrap(result.model))  # the compiling call's model, judged too (below)
             runs, walls = [], []
             for _ in range(repeats):
                 del result
@@ -174,6 +177,7 @@ def run_compiled(provider: str, call: Callable[[nn.Module], Tuple[Any, float]], 
         "defense_s_runs": runs, "wall_s": walls[0], "eval_s": eval_s, "run_status": result.status,
         "rounds": len(result.history), "graphs": graphs1 - graphs0, "recompiles": graphs2 - graphs1,
         "graph_breaks": breaks1 - breaks0, "after": {"acc": after.acc, "asr": after.asr, "ra": after.ra},
+        "after_first_call": {"acc": first_after.acc, "asr": first_after.asr, "ra": first_after.ra},
     })
     return rec
 
@@ -184,8 +188,9 @@ def judge(rec: Dict[str, Any], reference: Mapping[str, Any], tolerance: float = 
     if rec.get("status") != "ok":
         rec["matches_reference"], rec["speedup"] = None, None
         return
-    rec["matches_reference"] = all(abs(rec["after"][k] - reference["after"][k]) <= tolerance for k in ("acc", "asr")
-                                   if rec["after"][k] is not None and reference["after"][k] is not None)
+    rec["matches_reference"] = all(abs(got[k] - reference["after"][k]) <= tolerance for k in ("acc", "asr")
+                                   for got in (rec["after"], rec.get("after_first_call") or rec["after"])
+                                   if got[k] is not None and reference["after"][k] is not None)
     rec["speedup"] = reference["defense_s"] / rec["defense_s"] if rec["defense_s"] > 0 else None
 
 
