@@ -236,7 +236,7 @@ def _cmd_demo(args) -> int:
     from .train import train_backdoored
     from .triggers import PatchTrigger
 
-    names = [d.strip().lower() for d in args.defenses.split(",") if d.strip()] if args.defenses else list(DEFENSES)
+    names = [d.strip().lower() for d in _split_names(args.defenses)] or list(DEFENSES)  # spaces or commas
     for d in names:
         if d not in DEFENSES and d != "none":
             raise ValueError(f"--defenses: unknown defense {d!r}; valid: {', '.join(DEFENSES)} (or none)")
@@ -434,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "masked:pattern=FILE.png,mask=FILE.npy")
     s.add_argument("--target", type=int, default=None, help="target label of the attack")
     s.add_argument("--count", type=int, default=None, help="evaluate on the first COUNT test images only")
-    s.add_argument("--batch-size", type=int, default=500)
+    s.add_argument("--batch-size", type=int, default=500, help="images per evaluation batch (default 500)")
     s.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto")
     s.add_argument("--json", action="store_true", help="print one JSON object (acc, asr, ra in percent, counts)")
     s.set_defaults(func=_cmd_evaluate)
@@ -458,14 +458,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "--reference: the reference's")
     s.add_argument("--config", default=None, metavar="FILE", help="YAML/JSON file of this command's options and "
                    "the defense's settings (keys as in the Python API; options given here win): fastpurify/config.py")
-    s.add_argument("--epochs", type=int, default=None)
+    s.add_argument("--epochs", type=int, default=None, help="the defense's rounds (default: its published schedule; "
+                                                            "list them with --list-options)")
     s.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="finish within SECONDS: the schedule is fitted after a warm-up round (status and schedule say "
                         "what ran)")
-    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="a hyper-parameter, e.g. --set lr=1e-4 "
-                                                                        "(repeatable; BAERASE: --set target=T)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--device", default="auto")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="a hyper-parameter, e.g. --set lr=1e-4; the keys: --list-options "
+                        "(repeatable; BAERASE: --set target=T)")
+    s.add_argument("--seed", type=int, default=0, help="seed of every random choice of the run (default 0): the same "
+                                                       "seed, options and thread count give the same result")
+    s.add_argument("--device", default="auto",
+                   help="cpu | cuda | cuda:N | auto (default: cuda when available, else cpu)")
     s.add_argument("--out", default=None, help="save the purified state dict ({'model': ...}) to this file (on "
                                                "Ctrl-C: the last completed round's; without --out: "
                                                "purify-interrupted.pth)")
@@ -478,21 +482,25 @@ def build_parser() -> argparse.ArgumentParser:
                                                                    "(give the same command and options again)")
     s.add_argument("--plot", default=None, metavar="PNG", help="draw the per-round curves and the before/after table "
                                                                "to this PNG (needs pip install fastpurify[plot])")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="print one JSON object (settings, status, schedule, ACC/ASR/RA "
+                                                       "before and after, verdict) on stdout; progress stays on stderr")
     s.set_defaults(func=_cmd_purify)
 
     s = sub.add_parser("demo", help="train a backdoored SmallVGG (synthetic data by default) and measure it")
     s.add_argument("--data", default=None, help="use the CIFAR-10 files in this folder instead of synthetic data")
-    s.add_argument("--epochs", type=int, default=None)
-    s.add_argument("--target", type=int, default=0)
-    s.add_argument("--poison-rate", type=float, default=0.1)
-    s.add_argument("--defenses", default=None, help="comma-separated defenses to run after the attack (default: all "
-                                                     "five; 'none' only trains and measures the backdoor)")
+    s.add_argument("--epochs", type=int, default=None, help="training epochs of the backdoored model (default 8 on "
+                                                            "synthetic data, 30 on CIFAR-10)")
+    s.add_argument("--target", type=int, default=0, help="the attack's target label, 0..9 (default 0)")
+    s.add_argument("--poison-rate", type=float, default=0.1, help="share of training images poisoned, in (0, 1] "
+                                                                  "(default 0.1)")
+    s.add_argument("--defenses", nargs="+", default=None, help="defenses to run after the attack, e.g. sau bcu or "
+                   "sau,bcu (default: all five; 'none' only trains and measures the backdoor)")
     s.add_argument("--clean-count", type=int, default=1000, help="the defender's clean images (default 1000)")
     s.add_argument("--reference", action="store_true", help="run the faithful eager ports of the published code")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--device", default="auto")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--seed", type=int, default=0, help="seed of the data, the training and the defenses (default 0)")
+    s.add_argument("--device", default="auto",
+                   help="cpu | cuda | cuda:N | auto (default: cuda when available, else cpu)")
+    s.add_argument("--json", action="store_true", help="print one JSON object (the attack and every defense's row)")
     s.set_defaults(func=_cmd_demo)
 
     s = sub.add_parser("bench", help="time each defense's reference against its fast path on this machine")
@@ -520,8 +528,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "mode default on CPU / reduce-overhead on GPU), compile-max (max-autotune-no-cudagraphs), "
                         "compile:MODE; compiled providers report compile time apart and are checked against the "
                         "reference's ACC/ASR (default: reference,fast)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--device", default="auto")
+    s.add_argument("--seed", type=int, default=0, help="seed of the workload and of every run (default 0)")
+    s.add_argument("--device", default="auto",
+                   help="cpu | cuda | cuda:N | auto (default: cuda when available, else cpu)")
     s.add_argument("--json", action="store_true", help="print one JSON object (rows + environment)")
     s.set_defaults(func=_cmd_bench)
     sweep.add_parser(sub)  # fastpurify sweep: fastpurify/sweep.py

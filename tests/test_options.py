@@ -56,3 +56,24 @@ def test_an_unknown_defense_is_a_usage_error(capsys):
 def test_format_names_how_to_give_a_setting():
     text = format_options("bcu")
     assert "--set KEY=VALUE" in text and "fastpurify.bcu(..., KEY=VALUE)" in text and "time_budget" in text
+
+
+def test_every_command_line_option_has_help_text():
+    from fastpurify.cli import build_parser
+
+    parser = build_parser()
+    missing = [(name, a.option_strings or a.dest) for name, sub in parser._subparsers._group_actions[0].choices.items()
+               for a in sub._actions if not a.help and "-h" not in a.option_strings]
+    assert not missing, missing
+
+
+def test_demo_and_bench_take_defenses_the_same_way():
+    from fastpurify.cli import build_parser
+
+    parser = build_parser()
+    for cmd in (["demo"], ["bench"]):
+        spaced = parser.parse_args([*cmd, "--defenses", "sau", "bcu"]).defenses
+        commas = parser.parse_args([*cmd, "--defenses", "sau,bcu"]).defenses
+        from fastpurify.cli import _split_names
+
+        assert _split_names(spaced) == _split_names(commas) == ["sau", "bcu"], cmd
