@@ -34,7 +34,7 @@ CLI_OWNED = {
     "epochs": "use --epochs N", "time_budget": "use --time-budget SECONDS", "seed": "use --seed N",
     "device": "use --device", "checkpoint": "use --state PATH (or --checkpoint-every N)",
     "checkpoint_every": "use --checkpoint-every N", "resume": "use --resume PATH",
-    "progress": "the command shows progress on a terminal", "inplace": "the command purifies a copy; --out saves it",
+    "progress": "the command shows progress on stderr", "inplace": "the command purifies a copy; --out saves it",
     "eval_data": "the command evaluates on the CIFAR-10 test images itself (--eval-count)",
 }
 

@@ -71,7 +71,7 @@ def test_json_config_runs_purify(tmp_path, capsys):
     ("clean_count: 0", "--clean-count must be >= 1, got 0 (clean_count: from {f})"),
     ("time_budget: 0", "--time-budget must be a positive number of seconds, got 0 (time_budget: from {f})"),
     ("reference: 'yes'", "{f}: reference: expected true or false, got 'yes'"),
-    ("progress: true", "{f}: progress: the command shows progress on a terminal"),
+    ("progress: true", "{f}: progress: the command shows progress on stderr"),
     ("defense: ibau", "{f}: defense: 'ibau' but the command runs 'sau'"),
     ("json: true", "{f}: json: not a configuration key"),
     ("record: rec/badnet", "{f}: record: give --record PATH on the command line"),
