@@ -23,7 +23,9 @@ from .checkpoint import (
 from .factory import ModelSpecError, resolve_model
 from .preact_resnet import PreActResNet18
 from .resnet import ResNet18
+from .resnet50 import ResNet50
 from .small_vgg import SmallVGG
+from .vit import ViT
 
 __all__ = [
     "ARCHS",
@@ -32,7 +34,9 @@ __all__ = [
     "ModelSpecError",
     "PreActResNet18",
     "ResNet18",
+    "ResNet50",
     "SmallVGG",
+    "ViT",
     "build_model",
     "extract_state_dict",
     "load_checkpoint",
@@ -47,6 +51,10 @@ ARCHS: dict[str, type[nn.Module]] = {
     "small_vgg": SmallVGG,
     "preact_resnet18": PreActResNet18,
     "resnet18": ResNet18,
+    # ImageNet-layout large models (224×224; torchvision's resnet50 / vit_b_16 state-dict keys); their classes take
+    # width / depth arguments for small versions
+    "resnet50": ResNet50,
+    "vit": ViT,
 }
 
 
