@@ -2,8 +2,8 @@
 
 ``summary.md`` has one line per defense × recipe × checkpoint: over the seeds that finished, the mean ± sample
 standard deviation and the min–max of ACC and ASR after purification, the mean ACC drop (ACC before minus ACC
-after), n, and a ✓ where the defense clears the bar :data:`BAR`: mean ASR after ≤ 5 % and mean ACC drop ≤ 3
-points.
+after), n, and a ✓ where the defense clears the bar: mean ASR after ≤ 5 % and mean ACC drop ≤ 3
+points (:data:`fastpurify.metrics.BAR`, the bar ``fastpurify purify`` and the demo apply to one run).
 """
 
 from __future__ import annotations
@@ -16,10 +16,8 @@ import statistics
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from .metrics import BAR  # the bar of the summary's ✓: ASR after at most 5 %, ACC drop at most 3 points
 from .sweep_worker import write_atomic, write_json_atomic
-
-# The bar of the summary's ✓: mean ASR after purification at most 5 %, mean ACC drop at most 3 points.
-BAR = {"asr_max": 5.0, "acc_drop_max": 3.0}
 
 # results.csv's columns, in order (results.json's rows hold these and the cell's full defense configuration).
 COLUMNS = ("study", "cell", "defense", "recipe", "checkpoint", "arch", "seed", "status", "acc_before", "asr_before",
@@ -67,7 +65,7 @@ def aggregate(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
             g[k] = spread([r[k] for r in ok if r.get(k) is not None])
         g["acc_drop"] = spread([r["acc_before"] - r["acc_after"] for r in ok if r.get("acc_before") is not None])
         asr, drop = g["asr_after"]["mean"], g["acc_drop"]["mean"]
-        g["passes"] = None if asr is None or drop is None else (asr <= BAR["asr_max"] and drop <= BAR["acc_drop_max"])
+        g["passes"] = None if asr is None or drop is None else (asr <= BAR["max_asr"] and drop <= BAR["max_acc_drop"])
         out.append(g)
     return out
 
@@ -87,8 +85,8 @@ def render_summary(groups: Sequence[Dict[str, Any]], study: str, note: str = "")
     lines = [f"# Sweep {study}", "",
              f"Per defense × recipe × checkpoint, over the seeds that finished: ACC and ASR after purification as "
              f"mean ± sample standard deviation (n − 1) and min–max, in percent; ACC drop = ACC before − ACC after "
-             f"(mean, points). ✓: mean ASR after ≤ {BAR['asr_max']:g} % and mean ACC drop ≤ "
-             f"{BAR['acc_drop_max']:g} points.", ""]
+             f"(mean, points). ✓: mean ASR after ≤ {BAR['max_asr']:g} % and mean ACC drop ≤ "
+             f"{BAR['max_acc_drop']:g} points (fastpurify.metrics.BAR).", ""]
     if note:
         lines += [note, ""]
     lines += ["| defense | recipe | checkpoint | n | failed | ASR after | ASR min–max | ACC after | ACC min–max | "
