@@ -24,11 +24,8 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
-__all__ = ["BAR_ACC_DROP_MAX", "BAR_ASR_MAX", "SWEEP_KEYS", "plot_result", "plot_sweep"]
+__all__ = ["SWEEP_KEYS", "plot_result", "plot_sweep"]
 
-#: The bar a purification should meet: ASR after at most 5 %, ACC at most 3 points below the model's before.
-BAR_ASR_MAX = 5.0
-BAR_ACC_DROP_MAX = 3.0
 #: The keys every row given to :func:`plot_sweep` has.
 SWEEP_KEYS = ("defense", "recipe", "checkpoint", "seed", "acc_before", "acc_after", "asr_before", "asr_after")
 METRICS = (("acc", "ACC", "tab:blue"), ("asr", "ASR", "tab:red"), ("ra", "RA", "tab:green"))
@@ -212,13 +209,13 @@ def _check_rows(rows: Sequence[Mapping[str, Any]]) -> None:
 
 
 def plot_sweep(rows: Sequence[Mapping[str, Any]], path: Union[str, os.PathLike], *,
-               asr_max: float = BAR_ASR_MAX, acc_drop_max: float = BAR_ACC_DROP_MAX,
+               asr_max: Optional[float] = None, acc_drop_max: Optional[float] = None,
                title: Optional[str] = None) -> str:
     """Draw a sweep's results to a PNG: ASR after (y, %) against ACC drop (x, points: ``acc_before -
     acc_after``), one panel per checkpoint, a colour per defense, a marker per recipe; small points per seed, a
-    large outlined point per defense × recipe mean, and the bar (ASR ≤ ``asr_max``, ACC drop ≤ ``acc_drop_max``)
-    as a shaded region. ``path``: a ``.png`` file, or a folder (the plot is then ``sweep.png`` in it). Returns the
-    file's path.
+    large outlined point per defense × recipe mean, and the bar (ASR ≤ ``asr_max``, ACC drop ≤ ``acc_drop_max``;
+    by default ``fastpurify.metrics.BAR``: 5 % and 3 points) as a shaded region. ``path``: a ``.png`` file, or a
+    folder (the plot is then ``sweep.png`` in it). Returns the file's path.
 
     Every row is a dict with the keys ``defense``, ``recipe``, ``checkpoint``, ``seed``, ``acc_before``,
     ``acc_after``, ``asr_before``, ``asr_after`` (percentages; :data:`SWEEP_KEYS`); other keys are ignored. A row
@@ -232,6 +229,10 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], path: Union[str, os.PathLike],
         >>> plot_sweep(rows, "sweep.png")                                          # doctest: +SKIP
         'sweep.png'
     """
+    from .metrics import BAR
+
+    asr_max = BAR["max_asr"] if asr_max is None else float(asr_max)
+    acc_drop_max = BAR["max_acc_drop"] if acc_drop_max is None else float(acc_drop_max)
     _check_rows(rows)
     path = Path(path)
     if path.is_dir():
