@@ -155,7 +155,18 @@ def _table_panel(ax, before: Mapping[str, Any], after: Mapping[str, Any], der: A
     ax.set_title("before / after purification")
 
 
-def plot_result(result: Any, path: Union[str, os.PathLike]) -> str:
+def _metrics_dict(value: Any, name: str) -> Dict[str, Any]:
+    """``before`` / ``after`` given to :func:`plot_result`: an ``EvalResult`` (``fastpurify.metrics.evaluate``) or a
+    dict with ``acc`` / ``asr`` / ``ra``."""
+    if hasattr(value, "as_dict"):
+        value = value.as_dict()
+    if not isinstance(value, Mapping):
+        raise TypeError(f"plot_result: {name} must be an EvalResult or a dict with acc/asr/ra, got "
+                        f"{type(value).__name__}")
+    return {k: value.get(k) for k in ("acc", "asr", "ra")}
+
+
+def plot_result(result: Any, path: Union[str, os.PathLike], *, before: Any = None, after: Any = None) -> str:
     """Draw one purification to the PNG file ``path``; returns the path.
 
     ``result``: a :class:`~fastpurify.PurifyResult`, a dict, or the path of a JSON file — the one
@@ -163,9 +174,28 @@ def plot_result(result: Any, path: Union[str, os.PathLike]) -> str:
     ACC / ASR / RA per round (history entries holding ``acc`` / ``asr`` / ``ra``, i.e. a run with ``eval_data``;
     ``before`` at round 0, ``after`` as dotted lines), every history value whose name holds ``loss``, and the
     table of ``before`` / ``after`` (dicts with ``acc``, ``asr``, ``ra``, in percent) and ``der``. Raises
-    ``ValueError`` when there is nothing to draw."""
+    ``ValueError`` when there is nothing to draw.
+
+    ``before`` / ``after``: the model's evaluation before and after (``fastpurify.metrics.evaluate``'s results, or
+    dicts), for a result that does not carry them (a PurifyResult); with both, the DER is computed.
+
+    Example:
+        >>> from fastpurify.metrics import evaluate
+        >>> plot_result(r, "sau.png", before=evaluate(model, xt, yt, trigger=t, target=0),
+        ...             after=evaluate(r.model, xt, yt, trigger=t, target=0))              # doctest: +SKIP
+        'sau.png'
+    """
     path = check_png_path(path)
     rec = _record(result)
+    if before is not None:
+        rec["before"] = _metrics_dict(before, "before")
+    if after is not None:
+        rec["after"] = _metrics_dict(after, "after")
+    if before is not None and after is not None and rec["before"]["asr"] is not None \
+            and rec["after"]["asr"] is not None:
+        from .metrics import der
+
+        rec["der"] = der(rec["before"], rec["after"])
     history = [h for h in rec.get("history") or [] if isinstance(h, Mapping)]
     before, after = rec.get("before") or {}, rec.get("after") or {}
     has_metrics = any(_series(history, k)[0] for k, _, _ in METRICS)

@@ -75,6 +75,25 @@ def test_plot_result_of_a_saved_result_through_the_cli(tmp_path, capsys):
     _image(tmp_path / "other.png", min_w=800, min_h=300)
 
 
+def test_plot_result_of_a_purify_result_with_before_and_after(tmp_path):
+    from fastpurify.data import synthetic_dataset
+    from fastpurify.metrics import evaluate
+    from fastpurify.triggers import PatchTrigger
+
+    model = tiny_cnn(16, seed=0).eval()
+    r = PurifyResult(model=model, history=_history(3), timings={"defense": 1.5}, status="completed",
+                     defense="sau", config={}, schedule={})
+    xt, yt = synthetic_dataset(n=32, seed=1, split="test")
+    before = evaluate(model, xt, yt, trigger=PatchTrigger(), target=0)
+    plain, table = tmp_path / "plain.png", tmp_path / "table.png"
+    plot_result(r, plain)
+    plot_result(r, table, before=before, after={"acc": 80.0, "asr": 1.0, "ra": 70.0})
+    w_plain, w_table = _image(plain, 800, 300).shape[1], _image(table, 1200, 300).shape[1]
+    assert w_table > w_plain * 1.3  # a third panel: the before/after table
+    with pytest.raises(TypeError, match="EvalResult or a dict"):
+        plot_result(r, table, before=[90.0, 100.0])
+
+
 def test_plot_sweep_draws_the_bar_and_every_group(tmp_path):
     rng = np.random.default_rng(0)
     rows = [{"defense": d, "recipe": rc, "checkpoint": ck, "seed": s, "acc_before": 90.0,
