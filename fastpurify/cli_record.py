@@ -9,9 +9,8 @@ way BackdoorBench's defenses do, into ``record/<attack>/defense/<name>/`` (or ``
 from __future__ import annotations
 
 import json
-import sys
 import time
-from typing import Any, Optional, Tuple
+from typing import Optional, Tuple
 
 from .cli import _device, _print_eval
 
@@ -62,20 +61,12 @@ def cmd_evaluate_record(args) -> int:
     return 0
 
 
-def _run(name: str, reference: bool, model, x, y, **kwargs) -> Any:
-    from . import defenses as fast_defenses
-    from .reference import defenses as ref_defenses
-
-    fn = getattr(ref_defenses if reference else fast_defenses, name)
-    return fn(model, x if name == "bcu" else (x, y), **kwargs)  # BCU uses no labels
-
-
 def cmd_purify_record(args) -> int:
     """``fastpurify purify DEFENSE --record PATH``: purify the record's model on its clean training images, measure
     it before and after on its test images, and write the result back into the record (or ``--out DIR``)."""
     from . import defenses as fast_defenses
     from .backdoorbench import DEFENSE_NAMES, read_record, result_folder, write_result
-    from .cli_purify import _check_purify, _interrupted, report
+    from .cli_purify import _check_purify, _interrupted, report, run_defense
     from .defenses import Interrupted
     from .metrics import der
 
@@ -94,10 +85,9 @@ def cmd_purify_record(args) -> int:
     args.arch = model or rec.model_name  # what a file saved on Ctrl-C records
     kwargs.setdefault("normalization", rec.normalization)  # BackdoorBench's models see normalised inputs
     x, y = rec.clean_train
-    progress = not args.json and sys.stderr.isatty()
-    try:
-        result = _run(name, args.reference, rec.model.to(device), x, y, seed=args.seed, device=device,
-                      progress=progress, **kwargs)
+    try:  # progress on stderr, as purify shows it (a bar on a terminal, lines in a log); stdout stays clean
+        result = run_defense(name, rec.model.to(device), x, y, reference=args.reference, seed=args.seed,
+                             device=device, progress=True, **kwargs)
     except Interrupted as e:
         return _interrupted(args, name, e.result, kwargs)
     t0 = time.perf_counter()
