@@ -135,8 +135,69 @@ def test_layers_selection_and_errors():
     assert mm.model.get_submodule(convs[0]).conv.weight.grad is not None  # not frozen: weight grad computed
     with pytest.raises(ValueError, match="no module named 'nope'"):
         MaskedModel(net, layers=["nope"])
+    bn = [n for n, m in net.named_modules() if isinstance(m, nn.BatchNorm2d)][0]
+    with pytest.raises(ValueError, match="is a BatchNorm2d, not an nn.Conv2d, nn.Linear or nn.MultiheadAttention"):
+        MaskedModel(net, layers=[bn])
     lin = [n for n, m in net.named_modules() if isinstance(m, nn.Linear)][0]
-    with pytest.raises(ValueError, match="is a Linear, not an nn.Conv2d"):
-        MaskedModel(net, layers=[lin])
+    assert list(MaskedModel(net, layers=[lin]).masks()) == [lin]  # a Linear named explicitly is masked
     with pytest.raises(ValueError, match="unknown path"):
         MaskedModel(net, path="fast")
+    with pytest.raises(ValueError, match="unknown mask_layers 'dense'"):
+        MaskedModel(net, mask_layers="dense")
+
+
+def _tiny_vit():
+    from fastpurify.models import ViT
+
+    torch.manual_seed(0)
+    net = ViT(10, dim=32, depth=2, heads=2, patch=8, image_size=32).eval()
+    nn.init.normal_(net.heads.head.weight)  # torchvision's zero head would hide the masks' effect on the logits
+    return net
+
+
+@pytest.mark.parametrize("mask_layers", ["linear", "conv+linear"])
+@pytest.mark.parametrize("path,be", [("layer", "cpp"), ("multi", "torch"), ("multi", "cpp"), ("multi", "triton")])
+def test_linear_and_attention_masks_match_eager(mask_layers, path, be):
+    """Linear layers and nn.MultiheadAttention's in_proj_weight / out_proj: outputs, mask gradients and fold()
+    equal the eager parametrisation ``weight * mask`` on both paths; the multi path's one-launch W_eff / mask
+    gradient ops take the 2-D linear weights on every backend (the layer path's linear product is torch's own)."""
+    import torch.nn.utils.parametrize as parametrize
+
+    net = _tiny_vit()
+    before = copy.deepcopy(net.state_dict())
+    mm = MaskedModel(net, backend=be, path=path, mask_layers=mask_layers)
+    names = mm.weight_names()
+    blk = "encoder.layers.encoder_layer_0."
+    assert names[blk + "self_attention.in_proj_weight"] == blk + "self_attention.in_proj_weight"
+    assert names[blk + "self_attention.out_proj"] == blk + "self_attention.out_proj.weight"
+    assert names["heads.head"] == "heads.head.weight"
+    assert ("conv_proj" in names) == (mask_layers == "conv+linear")
+    x, y = torch.rand(2, 3, 32, 32), torch.tensor([1, 3])
+    assert_close(mm(x), net(x), rtol=1e-5, atol=1e-5)
+    _random_masks(mm, seed=3)
+    F.cross_entropy(mm(x), y).backward()
+
+    class _Mul(nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, w):
+            return w * self.m
+
+    ref = copy.deepcopy(net)
+    eager = {k: m.detach().clone().requires_grad_() for k, m in mm.masks().items()}
+    for k, pname in names.items():
+        owner, _, p = pname.rpartition(".")
+        parametrize.register_parametrization(ref.get_submodule(owner), p, _Mul(eager[k]))
+    out = ref(x)
+    F.cross_entropy(out, y).backward()
+    assert_close(mm(x), out, rtol=1e-4, atol=1e-5)
+    for k, m in mm.masks().items():
+        assert m.shape == net.get_parameter(names[k]).shape
+        assert_close(m.grad, eager[k].grad, rtol=1e-4, atol=1e-6, msg=k)
+    folded = mm.fold()
+    assert type(folded) is type(net) and not any("Masked" in type(m).__name__ for m in folded.modules())
+    assert_close(folded(x), out, rtol=1e-4, atol=1e-5)
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())  # the original is untouched
+    assert all(p.requires_grad for p in folded.parameters())
