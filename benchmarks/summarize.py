@@ -85,9 +85,11 @@ def summarize_device(folder: Path) -> str:
             lines.append(f"| {group} | {name} | {_fmt_time(stats['median'])} | {_fmt_time(stats['min'])} "
                          f"| {speed} | {vs_best} | {gbs} | {csec} |")
     if loads:
-        lines += ["", "Load average (1 min) around the cases, min–max per result file (2 CPU threads; above 2 the "
-                      "machine was shared with other jobs): " + ", ".join(
-                          f"{stem} {min(v):.1f}–{max(v):.1f}" for stem, v in sorted(loads.items())) + "."]
+        spans = ", ".join(f"{stem} {min(v):.1f}–{max(v):.1f}" for stem, v in sorted(loads.items()))
+        lines += ["", f"Load average (1 min) around the cases, min–max per result file: {spans} (2 CPU threads; "
+                      "above 2 the machine was shared with other jobs). Where the load was far above 2, a case waited "
+                      "for a core for much of its time: medians of sub-millisecond cases then measure the scheduler "
+                      "more than the code, and the min column is the better comparison."]
     return "\n".join(lines) + "\n"
 
 
