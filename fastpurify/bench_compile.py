@@ -231,7 +231,7 @@ def extra_columns(rows: Sequence[Mapping[str, Any]], secs: Callable[[Optional[fl
     if not provs:
         return [], [[] for _ in rows], []
     modes = {p: compile_mode(p, str(r.get("device", "cpu")).split(":")[0]) for r in rows for p in r.get("compiled", {})}
-    head = [f"{p} s ({modes[p]}) (× ref; compile s)" for p in provs]
+    head = [f"{p} ({modes[p]}) s (× ref; compile s)" for p in provs]
     head += [f"ACC / ASR after {p}" for p in provs] + ["best"]
     cells = []
     for r in rows:

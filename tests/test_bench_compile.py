@@ -92,7 +92,7 @@ def test_compiled_defense_reports_compile_time_and_agreement(tiny):
     assert rec["graphs"] >= 1  # something was compiled
     assert rec["matches_reference"] is True  # AWM's masks: the compiled model purifies as the eager one
     assert row["best"] in ("reference", "compile")
-    assert "compile s (default)" in render_markdown(rows)
+    assert "compile (default) s (× ref; compile s)" in render_markdown(rows)
 
 
 @pytest.mark.slow
