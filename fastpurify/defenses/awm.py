@@ -3,7 +3,8 @@ with the published code's waste removed).
 
 What changes against the reference, and why it is the same method:
 
-- the masks live in a :class:`fastpurify.masked.MaskedModel` (``path="multi"``): every conv's ``W_eff = θ ⊙ m``
+- the masks live in a :class:`fastpurify.masked.MaskedModel` (``path="multi"``): every masked weight's
+  ``W_eff = θ ⊙ m`` (conv, and with ``mask_layers="conv+linear"`` / ``"linear"`` linear and attention weights)
   is built in one launch per forward and every mask gradient ``∂L/∂W_eff ⊙ θ`` in one launch per backward
   (the reference's parametrisation runs a separate multiply per layer per forward); inside it only the masks
   require grad, so no weight, bias, BN or linear gradient is ever computed (the reference computes all of them
@@ -56,8 +57,7 @@ from ..backend import launch_bound
 from ..masked import MaskedModel
 from ..ops.masked_conv import masked_adam_clamp_
 from ..ops.universal import universal_update_
-from ..reference.defenses.awm import RECOVERY_SHARE, AWMConfig, maskable_convs
-from ._inputs import Normalize
+from ..reference.defenses.awm import RECOVERY_SHARE, AWMConfig, _user_name, check_model_layers, maskable_layers
 from ._loop import PRECISIONS, PurifyResult, check_choice, precision_autocast, run_defense
 
 
@@ -115,18 +115,13 @@ class MaskedAdamClamp(torch.optim.Optimizer):
         return loss
 
 
-def folded_state(net: nn.Module, named: Dict[str, Tensor]) -> Dict[str, Tensor]:
-    """``net``'s state dict with each masked conv's weight replaced by θ ⊙ m (what AWM returns)."""
+def folded_state(net: nn.Module, named: Dict[str, Tensor], weights: Dict[str, str]) -> Dict[str, Tensor]:
+    """``net``'s state dict with each masked weight replaced by θ ⊙ m (what AWM returns); ``weights``: mask key ->
+    the masked parameter's name in ``net``."""
     sd = dict(net.state_dict())
-    for name, m in named.items():
-        sd[f"{name}.weight"] = sd[f"{name}.weight"] * m.detach()
+    for key, m in named.items():
+        sd[weights[key]] = sd[weights[key]] * m.detach()
     return sd
-
-
-def _user_name(net: nn.Module, name: str) -> str:
-    """A conv's name in the *user's* model (run_defense may wrap it as Sequential(Normalize, model))."""
-    wrapped = isinstance(net, nn.Sequential) and len(net) == 2 and isinstance(net[0], Normalize)
-    return name[2:] if wrapped and name.startswith("1.") else name
 
 
 def recover_trigger(mm: MaskedModel, data, cfg: AWMConfig, loop, steps: int) -> Tensor:
@@ -198,10 +193,12 @@ def _shrink(mm: MaskedModel, data, cfg: AWMConfig, loop, steps: int, masks) -> N
 
 
 def _awm(net: nn.Module, data, cfg: FastAWMConfig, loop) -> Dict[str, Any]:
-    layers = maskable_convs(net)  # as in the reference: a conv whose weight the user froze gets no mask
+    # as in the reference: the layers of cfg.mask_layers, a weight the user froze gets no mask
+    layers = list(dict.fromkeys(n for _, n, _ in maskable_layers(net, cfg.mask_layers)))
     steps = max(1, len(data) // cfg.batch_size) * cfg.inner
     net.eval()
     mm = MaskedModel(net, layers, path="multi").eval()  # works on a copy of net; folded back into net at the end
+    weights = mm.weight_names()
     for p in mm.parameters():  # only the masks are learned: no gradient for anything else
         p.requires_grad_(False)
     named = mm.masks()
@@ -212,7 +209,7 @@ def _awm(net: nn.Module, data, cfg: FastAWMConfig, loop) -> Dict[str, Any]:
     loop.track(masks=(lambda: [m.detach().cpu().clone() for m in masks],
                       lambda saved: [m.data.copy_(v) for m, v in zip(masks, saved)]),
                optimizer=opt, scheduler=sched)
-    loop.set_export(lambda: folded_state(net, named))  # what an interruption returns: θ ⊙ m so far
+    loop.set_export(lambda: folded_state(net, named, weights))  # what an interruption returns: θ ⊙ m so far
     delta = torch.zeros((1, *data.x.shape[1:]), device=data.x.device)
     for r in loop.rounds():
         if r == 0 and cfg.shrink_steps:
@@ -235,11 +232,11 @@ def _awm(net: nn.Module, data, cfg: FastAWMConfig, loop) -> Dict[str, Any]:
             mean = torch.stack([m.sum() for m in masks]).sum() / n_mask
             zero = torch.stack([(m == 0).sum() for m in masks]).sum() / n_mask
         loop.log(loss=loss, train_acc=acc, trigger_l1=delta.abs().sum(), mask_mean=mean, mask_zero=zero, lr=lr)
-    # Fold θ ⊙ m into net's own conv weights (the Parameter objects are kept, as the reference's parametrize
+    # Fold θ ⊙ m into net's own weights (the Parameter objects are kept, as the reference's parametrize
     # removal keeps them), so that the returned model is the user's class with no fastpurify module inside.
     with torch.no_grad():
-        for name, m in named.items():
-            net.get_submodule(name).weight.mul_(m)
+        for key, m in named.items():
+            net.get_parameter(weights[key]).mul_(m)
     net.eval()
     return {"masks": {_user_name(net, n): m.detach().cpu().clone() for n, m in named.items()},
             "masked_layers": [_user_name(net, n) for n in named], "inner_steps": steps,
@@ -253,7 +250,9 @@ OPS = ("universal_update", "build_masked_weights", "mask_grads", "masked_adam_cl
 def awm(model: nn.Module, clean_data, **kwargs) -> PurifyResult:
     """Purify ``model`` with AWM (Adversarial Weight Masking) — the fast path.
 
-    Same arguments, defaults and result as :func:`fastpurify.reference.defenses.awm.awm` (the fields of
+    Same arguments, defaults and result as :func:`fastpurify.reference.defenses.awm.awm` (``mask_layers``:
+    ``"conv"`` (published) | ``"conv+linear"`` | ``"linear"`` — Linear and MultiheadAttention weights for
+    transformers; the fields of
     :class:`~fastpurify.reference.defenses.awm.AWMConfig` and the common options): ``clean_data`` labelled clean
     images (x N×C×H×W in [0, 1], y (N,)), one image per class suffices. Returns a :class:`PurifyResult` whose
     ``model`` has the input's class with conv weights θ ⊙ m; ``info["masks"]`` maps each conv's name to its
@@ -269,5 +268,6 @@ def awm(model: nn.Module, clean_data, **kwargs) -> PurifyResult:
         >>> r.status, sorted(r.info["masks"])[0], type(r.model).__name__
         ('completed', 'features.0', 'SmallVGG')
     """
+    check_model_layers(model, kwargs)
     return run_defense("awm", _awm, FastAWMConfig, model, clean_data, ops=OPS, allow_small=True, sync_checks=False,
                        **kwargs)

@@ -16,6 +16,15 @@ drawn with replacement (``inner`` = 5, B = 128):
 The returned model is the plain input architecture with the masks folded in (θ ← θ ⊙ m), so it runs without
 fastpurify. ``result.info["masks"]`` holds the final masks (module name -> tensor, on the CPU).
 
+**Which layers** (``mask_layers``): ``"conv"`` (the default) is the published method — every Conv2d weight.
+``"conv+linear"`` and ``"linear"`` are fastpurify's extension for models with few or no convolutions
+(transformers): every ``nn.Linear`` weight, and every ``nn.MultiheadAttention``'s q/k/v projection
+(``in_proj_weight``, or ``q/k/v_proj_weight``; its mask key is ``"<module>.in_proj_weight"``) — its ``out_proj`` is
+an ``nn.Linear`` and is masked as one. Biases, norms, embeddings and tokens are never masked; ``"linear"`` includes
+the classifier head. A model with nothing to mask under the option is an error before any work, and so is
+``"conv"`` on a model whose one Conv2d feeds a body of Linear layers (a ViT's patch embedding): the published
+choice would leave the whole transformer unmasked, so the error names ``mask_layers="conv+linear"``.
+
 What this port chose, and why (read against ``jinghuichen/AWM: main.py, models/maskedconv.py``):
 
 - **Any model, not only the authors' architectures.** The authors build their networks from a
@@ -47,7 +56,7 @@ What this port chose, and why (read against ``jinghuichen/AWM: main.py, models/m
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +64,8 @@ import torch.nn.utils.parametrize as parametrize
 from torch import Tensor, nn
 
 from ...defenses._inputs import Normalize
-from ...defenses._loop import PurifyResult, check_positive, run_defense
+from ...defenses._loop import PurifyResult, check_choice, check_positive, run_defense
+from ...masked import MASK_LAYERS, mask_weights, masked_modules
 
 
 @dataclass
@@ -75,6 +85,7 @@ class AWMConfig:
     lr_decay: float = 1.0  # ExponentialLR gamma per outer epoch (1.0 = off, the current --lr-decay default)
     shrink_steps: int = 0  # optional pre-phase of L1-only mask shrinking (--shrink-steps), in rounds of T steps
     shrink_lr: float = 1e-3  # Adam learning rate of the shrink pre-phase (--lr1)
+    mask_layers: str = "conv"  # "conv" (published) | "conv+linear" | "linear" (+ attention projections)
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "inner"):
@@ -94,6 +105,7 @@ class AWMConfig:
             isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in self.betas)
         if not ok:
             raise ValueError(f"betas must be a pair of numbers in [0, 1), got {self.betas!r}")
+        check_choice("mask_layers", self.mask_layers, MASK_LAYERS)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -175,36 +187,48 @@ def mask_step(loop, optimizer: torch.optim.Optimizer, masks: List[Tensor], loss:
             m.clamp_(0.0, 1.0)
 
 
-def maskable_convs(net: nn.Module) -> List[str]:
-    """The names (in ``net``) of the Conv2d layers AWM masks: every one whose weight is trainable. A conv whose
-    weight the user froze (``requires_grad=False``) gets no mask, since a defense never changes a frozen parameter.
-    Raises ``ValueError`` when no conv can be masked.
+def maskable_layers(net: nn.Module, mask_layers: str = "conv") -> List[Tuple[str, str, str]]:
+    """``(mask key, module name, parameter name)`` of every weight AWM masks under ``mask_layers`` (see the module
+    docstring), in module order: every one that is trainable. A weight the user froze (``requires_grad=False``)
+    gets no mask, since a defense never changes a frozen parameter. Raises ``ValueError`` when nothing can be
+    masked, and for ``"conv"`` on a model whose single Conv2d feeds several Linear / attention layers.
 
     Example::
 
-        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3))
-        >>> maskable_convs(net.requires_grad_(True)), maskable_convs(net[0].requires_grad_(False) and net)
-        (['0', '2'], ['2'])
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.Flatten(), nn.Linear(4, 2))
+        >>> [k for k, _, _ in maskable_layers(net)], [k for k, _, _ in maskable_layers(net, "linear")]
+        (['0', '2'], ['4'])
+        >>> [k for k, _, _ in maskable_layers(net[0].requires_grad_(False) and net)]
+        ['2']
     """
-    convs = [(n, m) for n, m in net.named_modules() if isinstance(m, nn.Conv2d)]
-    if not convs:
-        raise ValueError("AWM masks the Conv2d layers of the model, and this model has none")
-    names = [n for n, m in convs if m.weight.requires_grad]
+    check_choice("mask_layers", mask_layers, MASK_LAYERS)
+    modules = dict(net.named_modules())
+    found = [(key, n, p) for n in masked_modules(net, mask_layers) for key, p in mask_weights(n, modules[n])]
+    what = {"conv": "Conv2d layers", "linear": "Linear / MultiheadAttention layers",
+            "conv+linear": "Conv2d, Linear and MultiheadAttention layers"}[mask_layers]
+    if not found:
+        other = "'conv+linear'" if mask_layers == "conv" else "'conv' or 'conv+linear'"
+        raise ValueError(f"AWM with mask_layers={mask_layers!r} masks the model's {what}, and this model has none: "
+                         f"pass mask_layers={other}, or use another defense")
+    if mask_layers == "conv":
+        dense = masked_modules(net, "linear")
+        if len(found) == 1 and len(dense) >= 2:
+            raise ValueError(f"AWM with mask_layers='conv' (the published choice) would mask only the model's one "
+                             f"Conv2d ({found[0][1]!r}, e.g. a transformer's patch embedding) and leave its "
+                             f"{len(dense)} Linear / MultiheadAttention layers unmasked: pass "
+                             "mask_layers='conv+linear' (or 'linear')")
+    names = [(k, n, p) for k, n, p in found if getattr(modules[n], p).requires_grad]
     if not names:
-        raise ValueError(f"AWM masks the weights of the model's Conv2d layers, and all {len(convs)} are frozen "
-                         "(requires_grad=False); a defense never changes a frozen parameter: unfreeze the conv "
-                         "weights to purify with AWM, or use another defense")
+        raise ValueError(f"AWM masks the weights of the model's {what} (mask_layers={mask_layers!r}), and all "
+                         f"{len(found)} are frozen (requires_grad=False); a defense never changes a frozen "
+                         "parameter: unfreeze those weights to purify with AWM, or use another defense")
     return names
 
 
-def _user_names(net: nn.Module) -> Dict[nn.Module, str]:
-    """Conv module -> its name in the *user's* model (the defenses may wrap it as Sequential(Normalize, model))."""
-    strip = isinstance(net, nn.Sequential) and len(net) == 2 and isinstance(net[0], Normalize)
-    names = {}
-    for name, m in net.named_modules():
-        if isinstance(m, nn.Conv2d):
-            names[m] = name[2:] if strip and name.startswith("1.") else name
-    return names
+def _user_name(net: nn.Module, name: str) -> str:
+    """A layer's name in the *user's* model (the defenses may wrap it as Sequential(Normalize, model))."""
+    wrapped = isinstance(net, nn.Sequential) and len(net) == 2 and isinstance(net[0], Normalize)
+    return name[2:] if wrapped and name.startswith("1.") else name
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -217,14 +241,17 @@ def _user_names(net: nn.Module) -> Dict[nn.Module, str]:
 RECOVERY_SHARE = 1 / 3
 
 
-def folded_state(net: nn.Module, convs: List[nn.Module]) -> Dict[str, Tensor]:
-    """The state dict AWM returns now: every masked conv's weight as θ ⊙ m, without the parametrisation's own
-    entries (``parametrizations.weight.original`` / ``.mask``)."""
-    masked = {id(c) for c in convs}
+def folded_state(net: nn.Module, targets: List[Tuple[nn.Module, str]]) -> Dict[str, Tensor]:
+    """The state dict AWM returns now: every masked weight as θ ⊙ m, without the parametrisation's own entries
+    (``parametrizations.<name>.original`` / ``.mask``). ``targets``: (module, parameter name) pairs."""
+    masked = {}
+    for m, p in targets:
+        masked.setdefault(id(m), []).append(p)
     out: Dict[str, Tensor] = {}
     for name, m in net.named_modules():
-        if id(m) in masked and parametrize.is_parametrized(m, "weight"):
-            out[f"{name}.weight" if name else "weight"] = m.weight.detach()
+        for p in masked.get(id(m), ()):
+            if parametrize.is_parametrized(m, p):
+                out[f"{name}.{p}" if name else p] = getattr(m, p).detach()
     for k, v in net.state_dict().items():
         if ".parametrizations." not in f".{k}":
             out[k] = v
@@ -277,23 +304,27 @@ def _shrink(net, data, cfg: AWMConfig, loop, steps: int, masks) -> None:
 
 
 def _awm(net: nn.Module, data, cfg: AWMConfig, loop) -> dict:
-    names = _user_names(net)
-    convs = [net.get_submodule(n) for n in maskable_convs(net)]  # a frozen conv weight gets no mask
+    layers = maskable_layers(net, cfg.mask_layers)  # a frozen weight gets no mask
+    targets = [(net.get_submodule(n), p) for _, n, p in layers]
+    keys = [_user_name(net, k) for k, _, _ in layers]
     steps = max(1, len(data) // cfg.batch_size) * cfg.inner
     flags = [(p, p.requires_grad) for p in net.parameters()]
     finished = False
     delta = torch.zeros((1, *data.x.shape[1:]), device=data.x.device)
+    done: List[Tuple[str, nn.Module, str]] = []
     try:
         # As published, every parameter requires grad (the authors' freshly built network), except the ones the
         # user froze: they stay frozen and unmasked. Only the masks are stepped either way.
-        for conv in convs:
-            parametrize.register_parametrization(conv, "weight", _Mask(conv.weight))
-        masks = [conv.parametrizations.weight[0].mask for conv in convs]
+        masks = []
+        for key, (mod, p) in zip(keys, targets):
+            parametrize.register_parametrization(mod, p, _Mask(getattr(mod, p)))
+            done.append((key, mod, p))
+            masks.append(getattr(mod.parametrizations, p)[0].mask)
         opt = mask_optimizer(masks, cfg)
         sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=cfg.lr_decay)
         # carried from round to round: the masks (in the model's state), their optimiser and its schedule
         loop.track(optimizer=opt, scheduler=sched)
-        loop.set_export(lambda: folded_state(net, convs))  # what an interruption returns: θ ⊙ m so far
+        loop.set_export(lambda: folded_state(net, targets))  # what an interruption returns: θ ⊙ m so far
         for r in loop.rounds():
             net.eval()
             if r == 0 and cfg.shrink_steps:
@@ -313,21 +344,20 @@ def _awm(net: nn.Module, data, cfg: AWMConfig, loop) -> dict:
         finished = True
     finally:
         # Fold θ ⊙ m into each weight (the Parameter object is kept); on an error, restore θ instead.
-        done = [c for c in convs if parametrize.is_parametrized(c, "weight")]
-        final = {names[c]: c.parametrizations.weight[0].mask.detach().cpu().clone() for c in done}
-        for conv in done:
-            parametrize.remove_parametrizations(conv, "weight", leave_parametrized=finished)
+        final = {key: getattr(mod.parametrizations, p)[0].mask.detach().cpu().clone() for key, mod, p in done}
+        for _, mod, p in done:
+            parametrize.remove_parametrizations(mod, p, leave_parametrized=finished)
         for p, flag in flags:
             p.grad = None
             p.requires_grad_(flag)
     net.eval()
-    return {"masks": final, "masked_layers": [names[c] for c in convs], "inner_steps": steps,
-            "trigger": delta.detach().cpu()}
+    return {"masks": final, "masked_layers": keys, "inner_steps": steps, "trigger": delta.detach().cpu()}
 
 
 def awm(model: nn.Module, clean_data, **kwargs) -> PurifyResult:
-    """Purify ``model`` with AWM: learn soft masks on every Conv2d weight against a recovered universal trigger,
-    then fold them into the weights.
+    """Purify ``model`` with AWM: learn soft masks on every Conv2d weight (``mask_layers="conv"``, published; or
+    ``"conv+linear"`` / ``"linear"`` for transformers, see the module docstring) against a recovered universal
+    trigger, then fold them into the weights.
 
     ``clean_data``: labelled clean images — an ``(x, y)`` pair (x N×C×H×W in [0, 1], y N int), a Dataset or a
     DataLoader; works one-shot (one image per class: batches are drawn with replacement). Hyper-parameters: the
@@ -350,4 +380,12 @@ def awm(model: nn.Module, clean_data, **kwargs) -> PurifyResult:
         >>> r.status, sorted(r.info["masks"])[0], type(r.model).__name__
         ('completed', 'features.0', 'SmallVGG')
     """
+    check_model_layers(model, kwargs)
     return run_defense("awm", _awm, AWMConfig, model, clean_data, allow_small=True, **kwargs)
+
+
+def check_model_layers(model: nn.Module, kwargs: Dict[str, Any]) -> None:
+    """Before any work: ``mask_layers`` (from the defense's keyword arguments) is valid and finds weights to mask
+    in ``model`` (see :func:`maskable_layers`)."""
+    if isinstance(model, nn.Module):  # anything else gets run_defense's own error
+        maskable_layers(model, kwargs.get("mask_layers", AWMConfig.mask_layers))
