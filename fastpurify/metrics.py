@@ -108,7 +108,7 @@ def evaluate(
     x: torch.Tensor,
     y: torch.Tensor,
     *,
-    trigger: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    trigger: Optional[Union[str, Callable[[torch.Tensor], torch.Tensor]]] = None,
     target: Optional[int] = None,
     batch_size: int = 500,
     device: Optional[Union[str, torch.device]] = None,
@@ -120,7 +120,9 @@ def evaluate(
     Runs in eval mode under ``torch.inference_mode`` (the caller's train/eval mode is restored), on ``device``
     (default: the model's), moving one batch at a time; counts stay on the device and are read once at the
     end. ``normalization=(mean, std)`` is applied channel-wise after the trigger. ``num_classes`` defaults to
-    the width of the model's output.
+    the width of the model's output. ``trigger`` is a callable on image batches or a spec string such as
+    ``"patch:size=4,row=27,col=27,value=1"`` (:func:`fastpurify.triggers.parse_trigger`), as the defenses'
+    ``eval_data`` takes.
 
     Shapes: ``x`` N×C×H×W float in [0, 1], ``y`` N integer labels in [0, num_classes).
 
@@ -133,6 +135,10 @@ def evaluate(
         >>> str(evaluate(model, x, y, trigger=PatchTrigger(4, 27, 27, 1.0), target=8))  # doctest: +SKIP
         'ACC 84.46 | ASR 97.74 | RA 1.96'
     """
+    if isinstance(trigger, str):  # a spec string, as eval_data and the command line take (ValueError if malformed)
+        from .triggers import parse_trigger
+
+        trigger = parse_trigger(trigger)
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
         desc = f"{x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"x must be a float batch N×C×H×W, got a {desc}")

@@ -175,6 +175,20 @@ def test_der_formula():
         der((0.84, 97.0), (83.0, 150.0))
 
 
+def test_trigger_spec_string_is_parsed():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 3)).eval()
+    x, y = torch.rand(20, 3, 8, 8), torch.arange(20) % 3
+    from fastpurify.triggers import PatchTrigger
+
+    spec = "patch:size=2,row=5,col=5,value=1"
+    a = evaluate(model, x, y, trigger=spec, target=1)
+    b = evaluate(model, x, y, trigger=PatchTrigger(2, 5, 5, 1.0), target=1)
+    assert (a.asr, a.ra, a.n_attack_success) == (b.asr, b.ra, b.n_attack_success)
+    with pytest.raises(ValueError):
+        evaluate(model, x, y, trigger="patch:size=two", target=1)
+
+
 def test_verdict_against_the_bar():
     removed = verdict((84.0, 97.0), (82.0, 5.0))  # on the bar: met
     assert removed["met"] and removed["text"].startswith("backdoor removed:") and removed["acc_drop"] == 2.0
