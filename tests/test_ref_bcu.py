@@ -104,3 +104,75 @@ def test_bcu_validates(kw, error, match):
     with pytest.raises(error, match=match):
         bcu(SmallVGG(), torch.rand(8, 3, 32, 32), progress=False, batch_size=4, **kw)
     assert BCUConfig().reinit_rates["stage4"] == 0.27
+
+
+class TimmStyleViT(nn.Module):
+    """timm's layout: patch_embed.proj conv, blocks (ModuleList) of attn.qkv / attn.proj Linear layers (no
+    nn.MultiheadAttention) and mlp.fc1 / mlp.fc2, norm, head on the class token."""
+
+    def __init__(self, depth=6, dim=16, patch=8):
+        super().__init__()
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(3, dim, patch, stride=patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.blocks = nn.ModuleList()
+        for _ in range(depth):
+            b = nn.Module()
+            b.norm1, b.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+            b.attn = nn.Module()
+            b.attn.qkv, b.attn.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+            b.mlp = nn.Module()
+            b.mlp.fc1, b.mlp.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+            self.blocks.append(b)
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, 10)
+
+    def forward(self, x):
+        x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], 1)
+        for b in self.blocks:
+            q, k, v = b.attn.qkv(b.norm1(x)).chunk(3, dim=-1)
+            x = x + b.attn.proj(torch.softmax(q @ k.transpose(1, 2) / 4, -1) @ v)
+            x = x + b.mlp.fc2(torch.relu(b.mlp.fc1(b.norm2(x))))
+        return self.head(self.norm(x)[:, 0])
+
+
+def test_layer_groups_of_transformers_by_block():
+    """A ViT keeps one token 'resolution': the patch embedding is the stem, the blocks split by depth into the four
+    stages (fewer than four blocks: the deepest stages), attention's out_proj joins its block, the head is the
+    classifier — for torchvision's layout (nn.MultiheadAttention) and timm's (Linear qkv / proj)."""
+    from fastpurify.models import ViT
+
+    x = torch.rand(2, 3, 32, 32)
+    g = layer_groups(ViT(10, dim=32, depth=12, heads=2, patch=8, image_size=32), x)
+    blk = "encoder.layers.encoder_layer_{}.".format
+    assert g["conv_proj"] == "stem" and g["heads.head"] == "classifier"
+    assert [g[blk(i) + "self_attention"] for i in range(12)] == [f"stage{1 + i // 3}" for i in range(12)]
+    assert all(g[blk(i) + s] == g[blk(i) + "self_attention"] for i in range(12)
+               for s in ("self_attention.out_proj", "mlp.0", "mlp.3"))
+    g2 = layer_groups(ViT(10, dim=32, depth=2, heads=2, patch=8, image_size=32), x)
+    assert (g2[blk(0) + "mlp.3"], g2[blk(1) + "self_attention.out_proj"]) == ("stage3", "stage4")
+    t = layer_groups(TimmStyleViT(depth=6), x)
+    assert t["patch_embed.proj"] == "stem" and t["head"] == "classifier"
+    assert [t[f"blocks.{i}.attn.qkv"] for i in range(6)] == ["stage1", "stage1", "stage2", "stage3", "stage3",
+                                                             "stage4"]
+    assert t["blocks.5.mlp.fc2"] == t["blocks.5.attn.proj"] == "stage4"
+    assert layer_groups(TimmStyleViT(), x, stage_map={"blocks.0": "stage4"})["blocks.0.mlp.fc1"] == "stage4"
+
+
+def test_reinitialize_attention_weights():
+    from fastpurify.models import ViT
+
+    m = ViT(10, dim=32, depth=4, heads=2, patch=8, image_size=32)
+    attn = m.encoder.layers.encoder_layer_3.self_attention
+    w0, b0 = attn.in_proj_weight.detach().clone(), attn.in_proj_bias.detach().clone() + 1.0
+    with torch.no_grad():
+        attn.in_proj_bias.add_(1.0)  # a trained bias: 1; a fresh one is MultiheadAttention's 0
+    groups = layer_groups(m, torch.rand(2, 3, 32, 32))
+    counts = reinitialize(m, groups, {"stage4": 0.5}, torch.Generator().manual_seed(0))
+    # stage 4 = block 3: in_proj weight + bias, out_proj weight + bias, the MLP's two Linear layers
+    assert counts["stage4"]["total"] == 3 * 32 * 32 + 3 * 32 + 32 * 32 + 32 + 2 * (32 * 128) + 128 + 32
+    assert 0.45 < float((attn.in_proj_weight != w0).float().mean()) < 0.55
+    bias = attn.in_proj_bias.detach()
+    assert 0.3 < float((bias == 0).float().mean()) < 0.7 and bool(((bias == 0) | (bias == b0)).all())
+    bound = (6 / (32 + 96)) ** 0.5  # Xavier uniform of the (96, 32) projection
+    assert float(attn.in_proj_weight[attn.in_proj_weight != w0].abs().max()) <= bound

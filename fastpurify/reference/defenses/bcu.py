@@ -23,6 +23,18 @@ What this port chose, and why:
   network with more than four resolutions puts the shallow extra ones in stage 1; one with fewer, e.g.
   SmallVGG's three, uses stages 2–4). ``stage_map={"module.name.prefix": "stage3", ...}`` overrides any
   layer. ``result.info["layer_groups"]`` says which group each layer got.
+- **Transformers** (fastpurify's extension; the paper groups CNNs only): when Linear / ``nn.MultiheadAttention``
+  layers with token outputs (N×L×D, one "resolution" throughout) follow the last conv, the layers before the first
+  token layer (a ViT's patch embedding) are the stem; the token layers are split by *block* — the container whose
+  direct children hold the most token layers (``encoder.layers`` in torchvision's ViT, ``blocks`` in timm's), ties
+  to the outermost — block i of n going to ``stage{1 + ⌊4i/n⌋}`` (n < 4 blocks use the deepest n stages, as a CNN
+  with fewer resolutions does); token layers outside every block join the stage of the block before them
+  (stage 1 before the first); the layers after the last token layer (the head on the pooled token) are the
+  classifier. An attention layer's ``out_proj`` (an nn.Linear that ``F.multi_head_attention_forward`` reads
+  without calling) joins its attention layer's group. The re-initialisation of ``nn.MultiheadAttention`` draws its
+  own initialisation: Xavier uniform for ``in_proj_weight`` (or q/k/v), 0 for ``in_proj_bias``; ``bias_k`` /
+  ``bias_v``, LayerNorms, position embeddings and class tokens are kept, as the norms are. CNNs are grouped as
+  before (no token layers after their last conv).
 - **Normalisation layers by type**: the authors skip keys containing ``bn`` or ``shortcut.1``; any
   ``_NormBase``/GroupNorm/LayerNorm is skipped here.
 - **Frozen parameters are kept**: a parameter with ``requires_grad=False`` is neither re-initialised nor trained
@@ -42,7 +54,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Set, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -102,9 +114,104 @@ class BCUConfig:
 # --------------------------------------------------------------------------------------------------------
 
 
+_LAYERS = (nn.modules.conv._ConvNd, nn.Linear, nn.MultiheadAttention)
+_ATTN_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+
+
+def _trace(model: nn.Module, example: torch.Tensor) -> Tuple[List[str], Dict[str, Optional[int]], Set[str]]:
+    """One eval-mode forward of ``example[:2]``: the Conv/Linear/attention layers in the order they first ran,
+    the spatial size of each one's output (None below 4-D) and the names of the token layers (3-D outputs)."""
+    order: List[str] = []
+    res: Dict[str, Optional[int]] = {}
+    tokens: Set[str] = set()
+    hooks = []
+    for name, m in model.named_modules():
+        if isinstance(m, _LAYERS):
+            def hook(mod, inp, out, name=name):
+                out = out[0] if isinstance(out, tuple) else out  # attention returns (output, weights)
+                if name not in res:
+                    order.append(name)
+                    res[name] = int(out.shape[-1] * out.shape[-2]) if out.dim() >= 4 else None
+                    if out.dim() == 3:
+                        tokens.add(name)
+            hooks.append(m.register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example[:2])
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return order, res, tokens
+
+
+def _cnn_groups(order: List[str], res: Dict[str, Optional[int]], convs: List[str]) -> Dict[str, str]:
+    last_conv = order.index(convs[-1])
+    tail = [n for n in order[last_conv + 1:] if res[n] is None]
+    resolutions = sorted({res[n] for n in convs[1:]}, reverse=True)
+    k = len(resolutions)
+    stage_of = {r: f"stage{max(1, 4 - (k - 1 - i))}" for i, r in enumerate(resolutions)}
+    groups: Dict[str, str] = {}
+    current = "stem"
+    for n in order:
+        if n == convs[0]:
+            current = "stem"
+        elif n in tail:
+            current = "classifier"
+        elif res[n] is not None:
+            current = stage_of[res[n]]
+        groups[n] = current  # a Linear inside the body (e.g. squeeze-excitation) joins its stage
+    return groups
+
+
+def _block_of(model: nn.Module, body: List[str]) -> Dict[str, int]:
+    """Token layer -> index of its block: the direct children of the container that holds the most token layers
+    in distinct children (ties: the outermost), numbered in forward order. Layers outside it are left out."""
+    best, best_count = None, 1
+    for cname, _ in model.named_modules():
+        prefix = f"{cname}." if cname else ""
+        children = {n[len(prefix):].split(".")[0] for n in body if n.startswith(prefix) and n != cname}
+        if len(children) > best_count:
+            best, best_count = prefix, len(children)
+    if best is None:
+        return {}
+    firsts: List[str] = []
+    out: Dict[str, int] = {}
+    for n in body:
+        if n.startswith(best):
+            child = n[len(best):].split(".")[0]
+            if child not in firsts:
+                firsts.append(child)
+            out[n] = firsts.index(child)
+    return out
+
+
+def _transformer_groups(model: nn.Module, order: List[str], tokens: Set[str]) -> Dict[str, str]:
+    first = order.index(next(n for n in order if n in tokens))
+    last = max(i for i, n in enumerate(order) if n in tokens)
+    body = [n for n in order[first:last + 1]]
+    block = _block_of(model, [n for n in body if n in tokens])
+    nblocks = max(block.values()) + 1 if block else 1
+
+    def stage(i: int) -> str:
+        return f"stage{1 + (4 * i) // nblocks if nblocks >= 4 else 4 - (nblocks - 1) + i}"
+
+    groups = {n: "stem" for n in order[:first]}
+    current = stage(0)
+    for n in body:
+        if n in block:
+            current = stage(block[n])
+        groups[n] = current
+    groups.update({n: "classifier" for n in order[last + 1:]})
+    return groups
+
+
 def layer_groups(model: nn.Module, example: torch.Tensor, stage_map: Optional[Dict[str, str]] = None
                  ) -> Dict[str, str]:
-    """Group every Conv/Linear layer of ``model`` into stem / stage1..4 / classifier (see module docstring).
+    """Group every Conv/Linear/MultiheadAttention layer of ``model`` into stem / stage1..4 / classifier (see the
+    module docstring: CNNs by the spatial size of each layer's output, transformers by block).
 
     Shapes: ``example`` 1..N×C×H×W (one forward pass in eval mode is traced). Returns module name -> group,
     in forward order.
@@ -116,50 +223,25 @@ def layer_groups(model: nn.Module, example: torch.Tensor, stage_map: Optional[Di
         >>> g["conv1"], g["layer1.0.conv1"], g["layer4.1.conv2"], g["linear"]
         ('stem', 'stage1', 'stage4', 'classifier')
     """
-    order: List[str] = []
-    res: Dict[str, Optional[int]] = {}
-    hooks = []
-    for name, m in model.named_modules():
-        if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
-            def hook(mod, inp, out, name=name):
-                if name not in res:
-                    order.append(name)
-                    res[name] = int(out.shape[-1] * out.shape[-2]) if out.dim() >= 4 else None
-            hooks.append(m.register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(example[:2])
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
+    order, res, tokens = _trace(model, example)
     convs = [n for n in order if res[n] is not None]
-    groups: Dict[str, str] = {}
-    if convs:
-        last_conv = order.index(convs[-1])
-        tail = [n for n in order[last_conv + 1:] if res[n] is None]
-        resolutions = sorted({res[n] for n in convs[1:]}, reverse=True)
-        k = len(resolutions)
-        stage_of = {r: f"stage{max(1, 4 - (k - 1 - i))}" for i, r in enumerate(resolutions)}
-        current = "stem"
-        for n in order:
-            if n == convs[0]:
-                current = "stem"
-            elif n in tail:
-                current = "classifier"
-            elif res[n] is not None:
-                current = stage_of[res[n]]
-            groups[n] = current  # a Linear inside the body (e.g. squeeze-excitation) joins its stage
+    last_conv = order.index(convs[-1]) if convs else -1
+    if any(n in tokens for n in order[last_conv + 1:]):
+        groups = _transformer_groups(model, order, tokens)
+    elif convs:
+        groups = _cnn_groups(order, res, convs)
     else:  # an MLP: everything but the last layer is the body
-        for n in order:
-            groups[n] = "stage4"
+        groups = {n: "stage4" for n in order}
         if order:
             groups[order[-1]] = "classifier"
     for n, m in model.named_modules():  # layers the forward pass never reached keep a group too
-        if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and n not in groups:
-            groups[n] = "classifier" if isinstance(m, nn.Linear) else "stage4"
+        if isinstance(m, _LAYERS) and n not in groups:
+            owner = n.rpartition(".")[0]  # an attention layer's out_proj (read, never called) joins its group
+            if isinstance(m, nn.Linear) and isinstance(model.get_submodule(owner), nn.MultiheadAttention) \
+                    and owner in groups:
+                groups[n] = groups[owner]
+            else:
+                groups[n] = "classifier" if isinstance(m, nn.Linear) else "stage4"
     if stage_map:
         for n in groups:
             for prefix, g in stage_map.items():
@@ -171,11 +253,16 @@ def layer_groups(model: nn.Module, example: torch.Tensor, stage_map: Optional[Di
 def _fresh(module: nn.Module, name: str, param: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """A freshly initialised value (on the CPU) for the parameter ``name`` of a Conv/Linear layer: Kaiming normal
     (fan_out, ReLU) for conv weights, PyTorch's default initialisation (``reset_parameters``: Kaiming uniform with
-    a = √5 for weights, U(±1/√fan_in) for biases) otherwise.
+    a = √5 for weights, U(±1/√fan_in) for biases) otherwise; for ``nn.MultiheadAttention`` its own: Xavier
+    uniform for the q/k/v projection weights, 0 for ``in_proj_bias``.
 
     Drawn from ``generator`` (the run's), never from the global RNG: the global RNG is one per process, so two
     runs in two threads drew each other's numbers through it and their results differed (issue 13)."""
     out = torch.empty(param.shape, dtype=torch.float32, device="cpu")
+    if isinstance(module, nn.MultiheadAttention):  # its own _reset_parameters
+        if name in _ATTN_WEIGHTS:
+            return nn.init.xavier_uniform_(out, generator=generator)
+        return out.zero_()
     if name == "weight":
         if isinstance(module, nn.modules.conv._ConvNd):
             return nn.init.kaiming_normal_(out, mode="fan_out", nonlinearity="relu", generator=generator)
@@ -213,7 +300,7 @@ def reinitialize(model: nn.Module, groups: Dict[str, str], rates: Dict[str, floa
                 continue
             p = full[group]
             for pname, param in m.named_parameters(recurse=False):
-                if pname not in ("weight", "bias") or not param.requires_grad:
+                if pname not in ("weight", "bias", "in_proj_bias") + _ATTN_WEIGHTS or not param.requires_grad:
                     continue
                 new = _fresh(m, pname, param, generator).to(param.device, param.dtype)
                 keep = torch.bernoulli(torch.full(param.shape, 1.0 - p), generator=generator).to(param.device)
