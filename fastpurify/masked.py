@@ -114,7 +114,7 @@ def _kind(m: nn.Module) -> Optional[str]:
     return None
 
 
-def _weights_of(name: str, m: nn.Module) -> List[Tuple[str, str]]:
+def mask_weights(name: str, m: nn.Module) -> List[Tuple[str, str]]:
     """``(mask key, parameter name in the module)`` of the weights a mask covers: a conv's or linear's ``weight``
     (key: the module name); an attention layer's packed ``in_proj_weight`` (or its separate q/k/v projections
     when ``kdim``/``vdim`` differ from ``embed_dim``; key: ``"<module>.<parameter>"``)."""
@@ -199,7 +199,7 @@ class MaskedModel(nn.Module):
         pmasks = []
         for n in names:
             m = modules[n]
-            for key, pname in _weights_of(n, m):
+            for key, pname in mask_weights(n, m):
                 w = getattr(m, pname)
                 self._requires_grad[key] = w.requires_grad
                 if freeze_weights:
