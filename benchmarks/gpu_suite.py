@@ -46,7 +46,7 @@ that travels), and ``ibau/`` with the two checkpoints and ``trojan_wm.png`` (abo
 
 and, back here, ``python benchmarks/gpu_suite.py --collect <files_at>`` copies the files into
 ``benchmarks/results/<device>/`` (the log stays out), ready to commit; ``python benchmarks/summarize.py`` then
-adds the op benchmarks to the README.
+adds the op benchmarks to docs/benchmarks.md.
 """
 
 from __future__ import annotations

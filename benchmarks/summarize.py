@@ -1,9 +1,10 @@
-"""Summarise pytest-benchmark results: one markdown table per device, and the tables in the README.
+"""Summarise pytest-benchmark results: one markdown table per device, and the tables in docs/benchmarks.md.
 
 Reads every ``benchmarks/results/<device>/*.json`` written by ``pytest benchmarks --benchmark-json ...``
 (pytest-benchmark's format, with our ``extra_info``: provider, shape, dtype, device, versions, commit) and
 writes ``benchmarks/results/<device>/summary.md``; then replaces the block between the
-``<!-- benchmarks:begin -->`` and ``<!-- benchmarks:end -->`` markers of README.md with all summaries.
+``<!-- benchmarks:begin -->`` and ``<!-- benchmarks:end -->`` markers of docs/benchmarks.md with all summaries (the
+README links there).
 
 Compiled providers (``compile-<mode>``: ``torch.compile`` of the eager reference, benchmarks/_compiled.py) get their
 cold compile time in the ``compile s`` column; ``vs best other`` is the best other provider's median over this one's
@@ -95,7 +96,8 @@ def summarize_device(folder: Path) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--no-readme", action="store_true", help="write the per-device summaries only")
+    ap.add_argument("--no-readme", action="store_true", help="write the per-device summaries only (not "
+                                                             "docs/benchmarks.md)")
     args = ap.parse_args(argv)
     parts = []
     for folder in sorted(p for p in RESULTS.iterdir() if p.is_dir()) if RESULTS.exists() else []:
@@ -105,14 +107,14 @@ def main(argv=None) -> int:
             parts.append(text)
             print(f"wrote {folder / 'summary.md'}")
     if not args.no_readme:
-        readme = ROOT / "README.md"
+        readme = ROOT / "docs" / "benchmarks.md"
         body = readme.read_text()
         if BEGIN in body and END in body:
             block = "\n".join(parts) if parts else "No results yet.\n"
             head, rest = body.split(BEGIN, 1)
             _, tail = rest.split(END, 1)
             readme.write_text(f"{head}{BEGIN}\n{block}{END}{tail}")
-            print("updated README.md")
+            print(f"updated {readme}")
     return 0
 
 

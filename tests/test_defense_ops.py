@@ -1,9 +1,9 @@
-"""Which fastpurify ops each fast defense reaches (issue 13, item 16), so that the README says exactly that.
+"""Which fastpurify ops each fast defense reaches (issue 13, item 16), so that the docs say exactly that.
 
 Every op resolves its backend through ``fastpurify.backend.resolve`` when it is called; recording those calls
 while a fast defense runs one tiny round gives the ops it reaches. ``backend.plan`` (the check of every declared
 op before any work) also calls ``resolve``; those calls are recorded apart, as what the defense declared.
-The README's table between ``<!-- defense-ops:begin -->`` and ``<!-- defense-ops:end -->`` must match.
+The table of docs/backends.md between ``<!-- defense-ops:begin -->`` and ``<!-- defense-ops:end -->`` must match.
 """
 
 import re
@@ -17,7 +17,7 @@ import fastpurify
 from fastpurify import backend
 from fastpurify.defenses import DEFENSES
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[1] / "docs" / "backends.md"  # the README links to it
 
 # The ops each fast defense's default configuration reaches on CPU tensors. On launch-bound devices (CUDA) SAU's
 # shared PGD also runs the fused loss kernel (dual_logit_loss); nothing else depends on the device.
@@ -90,7 +90,7 @@ def test_every_op_reached_was_checked_before_work(name, recorder, one_thread):
 def _readme_table():
     text = README.read_text()
     block = re.search(r"<!-- defense-ops:begin -->(.*?)<!-- defense-ops:end -->", text, re.S)
-    assert block, "README.md has no defense-ops table (<!-- defense-ops:begin --> ... <!-- defense-ops:end -->)"
+    assert block, f"{README} has no defense-ops table (<!-- defense-ops:begin --> ... <!-- defense-ops:end -->)"
     rows = {}
     for line in block.group(1).splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
