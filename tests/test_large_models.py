@@ -7,14 +7,13 @@ five defenses, reference and fast, one step on a batch of 2 at 224×224 (the sha
 purification test — a small ResNet-50 and a small ViT backdoored once per session, each defense lowering the ASR
 while keeping the ACC (settings in ``PURIFY``).
 
-I-BAU on the ViT runs under ``sdpa_kernel(SDPBackend.MATH)``: its hypergradient differentiates the model twice,
-and PyTorch's fused CPU attention kernel (``_scaled_dot_product_flash_attention_for_cpu``, which
-``nn.MultiheadAttention`` picks) has no double backward; the math kernel has (see ``_math_attention``).
+I-BAU differentiates the model twice, and PyTorch's fused CPU attention kernel
+(``_scaled_dot_product_flash_attention_for_cpu``, which ``nn.MultiheadAttention`` picks) has no double backward: both
+I-BAU paths run under ``sdpa_kernel(SDPBackend.MATH)`` themselves (``twice_differentiable_attention``), and the
+ViT test below runs them as a user would, without it.
 """
 
 from __future__ import annotations
-
-import contextlib
 
 import pytest
 import torch
@@ -43,15 +42,6 @@ def small_vit(num_classes: int = 10, image_size: int = 224, patch: int = 16) -> 
     net = ViT(num_classes, dim=32, depth=4, heads=2, patch=patch, image_size=image_size)
     nn.init.normal_(net.heads.head.weight, std=0.1)
     return net
-
-
-def _math_attention(defense: str, model: nn.Module):
-    """I-BAU differentiates twice: the fused CPU attention kernel has no double backward, the math kernel has."""
-    if defense == "ibau" and any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        return sdpa_kernel([SDPBackend.MATH])
-    return contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------------------------------------- layouts
@@ -147,8 +137,7 @@ def test_every_defense_runs_at_224(family, defense, impl):
     if defense == "awm" and family == "vit":
         kw["mask_layers"] = "conv+linear"
     fn = getattr(ref if impl == "reference" else fastpurify, defense)
-    with _math_attention(defense, net):
-        r = fn(net, x if defense == "bcu" else (x, y), **kw)
+    r = fn(net, x if defense == "bcu" else (x, y), **kw)  # I-BAU on a ViT: no sdpa_kernel needed by the caller
     assert r.status == "completed" and type(r.model) is type(net)
     assert all(torch.isfinite(p).all() for p in r.model.parameters())
     assert r.model.eval()(x).shape == (2, 4)

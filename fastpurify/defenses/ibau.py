@@ -72,7 +72,7 @@ from ..backend import launch_bound
 from ..ops.attack import GraphCache
 from ..ops.cg import CapturedHypergrad, implicit_hypergrad
 from ..ops.universal import universal_update_
-from ..reference.defenses.ibau import PASS_SHARE, IBAUConfig, make_optimizer
+from ..reference.defenses.ibau import PASS_SHARE, IBAUConfig, make_optimizer, twice_differentiable_attention
 from ._loop import PRECISIONS, PurifyResult, check_choice, precision_autocast, run_defense
 
 # With cuda_graph=None (auto), a batch shape is captured when it will run at least this many outer steps in the
@@ -342,4 +342,5 @@ def ibau(model: nn.Module, clean_data, **kwargs) -> PurifyResult:
         >>> r.status, tuple(r.info["delta"].shape)
         ('completed', (1, 3, 32, 32))
     """
-    return run_defense("ibau", _ibau, FastIBAUConfig, model, clean_data, ops=ops, sync_checks=False, **kwargs)
+    return run_defense("ibau", twice_differentiable_attention(_ibau), FastIBAUConfig, model, clean_data, ops=ops,
+                       sync_checks=False, **kwargs)

@@ -240,6 +240,24 @@ def make_optimizer(params, cfg: IBAUConfig) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=cfg.lr)
 
 
+def twice_differentiable_attention(algorithm: Callable[..., Any]) -> Callable[..., Any]:
+    """``algorithm`` run with PyTorch's attention restricted to its math kernel: I-BAU differentiates the model
+    twice, and the fused attention kernels that ``nn.MultiheadAttention`` / ``scaled_dot_product_attention``
+    pick by default (flash attention on CPU and CUDA, memory-efficient attention) have no double backward — a
+    transformer failed mid-run. The math kernel computes the same attention, so the algorithm is unchanged; on
+    models without attention this changes nothing."""
+    from functools import wraps
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    @wraps(algorithm)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with sdpa_kernel([SDPBackend.MATH]):
+            return algorithm(*args, **kwargs)
+
+    return run
+
+
 def _ibau(net: nn.Module, data, cfg: IBAUConfig, loop) -> Dict[str, Any]:
     net.eval()
     params = [p for p in net.parameters() if p.requires_grad]
@@ -334,4 +352,4 @@ def ibau(model: nn.Module, clean_data, **kwargs) -> PurifyResult:
         >>> r.status, tuple(r.info["delta"].shape)
         ('completed', (1, 3, 32, 32))
     """
-    return run_defense("ibau", _ibau, IBAUConfig, model, clean_data, **kwargs)
+    return run_defense("ibau", twice_differentiable_attention(_ibau), IBAUConfig, model, clean_data, **kwargs)
