@@ -3,9 +3,9 @@ small-width versions of both.
 
 Fast tests: the full-size layouts (torchvision's parameter counts and state-dict keys), the small versions' forward
 and backward at 224×224, the per-architecture choices (AWM's mask_layers, BCU's groups). ``slow`` tests: each of the
-five defenses, reference and fast, one step on a batch of 2 at 224×224 (the shapes work end to end), and the
-purification test — a small ResNet-50 and a small ViT backdoored once per session, each defense lowering the ASR
-while keeping the ACC (settings in ``PURIFY``).
+five defenses, reference and fast, one step on a batch of 2 at 224×224 (the shapes work end to end). Not here yet:
+the purification test (a small ResNet-50 and ViT backdoored in the suite, each defense lowering the ASR while
+keeping the ACC) — training one took longer than the suite can afford on 2 CPU cores (issue 16, open).
 
 I-BAU differentiates the model twice, and PyTorch's fused CPU attention kernel
 (``_scaled_dot_product_flash_attention_for_cpu``, which ``nn.MultiheadAttention`` picks) has no double backward: both
