@@ -70,5 +70,6 @@ def test_awm_with_every_conv_frozen_says_so(setup, path):
     for m in frozen.modules():
         if isinstance(m, torch.nn.Conv2d):
             m.requires_grad_(False)
-    with pytest.raises(ValueError, match=r"all 3 are frozen \(requires_grad=False\).*unfreeze the conv weights"):
+    msg = r"Conv2d layers \(mask_layers='conv'\), and all 3 are frozen \(requires_grad=False\).*unfreeze those weights"
+    with pytest.raises(ValueError, match=msg):
         _defense("awm", path)(frozen, data, progress=False, **KW["awm"])
