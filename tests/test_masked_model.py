@@ -41,17 +41,20 @@ MODELS = {"small_vgg": SmallVGG, "preact_resnet18": PreActResNet18, "resnet18": 
           "grouped_vgg": TinyGroupedVGG}
 
 
+class _Mul(nn.Module):
+    """The parametrisation ``weight -> weight * m`` of the eager formulation."""
+
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, w):
+        return w * self.m
+
+
 def _eager_masked(model, masks):
     """The eager formulation: every masked conv's weight replaced by the product weight * mask (parametrize)."""
     import torch.nn.utils.parametrize as parametrize
-
-    class _Mul(nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, w):
-            return w * self.m
 
     out = copy.deepcopy(model)
     for name, m in masks.items():
@@ -105,14 +108,6 @@ def test_mask_gradients_match_eager(path, be):
     eager_masks = {n: m.detach().clone().requires_grad_() for n, m in masks.items()}
     ref = _eager_masked(net, {})
     import torch.nn.utils.parametrize as parametrize
-
-    class _Mul(nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, w):
-            return w * self.m
 
     for n, m in eager_masks.items():
         parametrize.register_parametrization(ref.get_submodule(n), "weight", _Mul(m))
@@ -176,14 +171,6 @@ def test_linear_and_attention_masks_match_eager(mask_layers, path, be):
     assert_close(mm(x), net(x), rtol=1e-5, atol=1e-5)
     _random_masks(mm, seed=3)
     F.cross_entropy(mm(x), y).backward()
-
-    class _Mul(nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, w):
-            return w * self.m
 
     ref = copy.deepcopy(net)
     eager = {k: m.detach().clone().requires_grad_() for k, m in mm.masks().items()}
