@@ -16,6 +16,7 @@ import importlib
 
 __version__ = "0.1.0"
 
+from .auto import purify  # noqa: E402
 from .backend import BackendUnavailableError, info  # noqa: E402
 from .defenses import (  # noqa: E402
     AWM,
@@ -32,10 +33,10 @@ from .defenses import (  # noqa: E402
     TimeBudgetError,
 )
 
-_SUBMODULES = ("backend", "cli", "data", "defenses", "kernels", "metrics", "models", "ops", "reference", "testing",
-               "train", "triggers")
+_SUBMODULES = ("auto", "backend", "cli", "data", "defenses", "kernels", "metrics", "models", "ops", "recipes",
+               "reference", "testing", "train", "triggers")
 
-__all__ = ["__version__", "info", "BackendUnavailableError", "PurifyResult", "EvalSet", "TimeBudgetError",
+__all__ = ["__version__", "info", "purify", "BackendUnavailableError", "PurifyResult", "EvalSet", "TimeBudgetError",
            "Interrupted", "DivergenceError", "PurificationError",
            *DEFENSES,
            "SAU", "IBAU", "AWM", "BAERASE", "BCU"]

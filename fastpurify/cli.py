@@ -440,9 +440,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_evaluate)
 
     s = sub.add_parser("purify", help="purify a checkpoint on CIFAR-10 clean data and measure before/after")
-    s.add_argument("defense", help="sau | ibau | awm | baerase | bcu")
+    s.add_argument("defense", help="sau | ibau | awm | baerase | bcu, or auto: the measured plan of "
+                                   "fastpurify.purify (docs/quality.md), fitted to --time-budget")
     s.add_argument("--arch", default=None, help="built-in architecture: small_vgg (default), preact_resnet18, resnet18")
     _add_model_options(s, record=True)
+    s.add_argument("--recipe", default=None, metavar="{published,robust}",
+                   help="the defense's settings: published (default; the paper's) or robust (fast path only; the "
+                        "measured recipe that removes the backdoor where the published one does not: "
+                        "fastpurify/recipes.py)")
     s.add_argument("--checkpoint", default=None, help="checkpoint file (required here or in --config)")
     s.add_argument("--data", default=None, help="folder holding cifar-10-batches-py")
     s.add_argument("--clean-count", type=int, default=2500, help="the defender's clean set: the first N training "

@@ -89,8 +89,10 @@ def _check_purify(args) -> dict:
     from .models.factory import model_from_args
 
     name = args.defense.lower()
-    if name not in DEFENSES:
-        raise ValueError(f"unknown defense {args.defense!r}; valid: {', '.join(DEFENSES)}")
+    if name not in DEFENSES + ("auto",):
+        raise ValueError(f"unknown defense {args.defense!r}; valid: {', '.join(DEFENSES)}, auto")
+    if name == "auto":
+        _check_auto(args)
     args.model_choice = model_from_args(args)  # --arch / --model / --model-kwargs: fastpurify/models/factory.py
     check_counts(clean_count=args.clean_count, eval_count=args.eval_count, epochs=args.epochs,
                  checkpoint_every=args.checkpoint_every)
@@ -104,7 +106,20 @@ def _check_purify(args) -> dict:
             raise ValueError(f"--set {k}=...: {CLI_OWNED[k]}")
     kwargs = {k: v for k, v in sets.items() if k in COMMON_OPTIONS}
     hyper = {k: v for k, v in sets.items() if k not in COMMON_OPTIONS}
-    defense_config(name, args.reference, args.epochs, hyper, "--set/--epochs")
+    if getattr(args, "recipe", None) is not None:
+        kwargs["recipe"] = args.recipe
+    if name == "auto":
+        if hyper or kwargs.get("recipe") is not None:
+            raise ValueError(f"purify auto runs its own plan: it takes no --recipe or defense setting (got "
+                             f"{sorted(hyper) + (['recipe'] if 'recipe' in kwargs else [])}); to set them, name a "
+                             "defense instead of auto")
+    else:
+        from .recipes import apply_recipe
+
+        # the recipe's settings under the ones given, checked as the defense will check them
+        recipe_hyper, recipe_epochs = apply_recipe(name, kwargs.get("recipe", "published"), hyper, args.epochs,
+                                                   fast_path=not args.reference)
+        defense_config(name, args.reference, recipe_epochs, recipe_hyper, "--recipe/--set/--epochs")
     kwargs.update(hyper)
     if args.epochs is not None:
         kwargs["epochs"] = args.epochs
@@ -130,6 +145,16 @@ def _check_purify(args) -> dict:
             raise FileNotFoundError(f"--resume {args.resume!r}: no such file (the --state file of an earlier run)")
         kwargs["resume"] = args.resume
     return kwargs
+
+
+def _check_auto(args) -> None:
+    """``purify auto``: the options that belong to one defense do not apply to a plan of several."""
+    given = [flag for flag, v in (("--reference", args.reference), ("--epochs", args.epochs),
+                                  ("--checkpoint-every", args.checkpoint_every), ("--state", args.state),
+                                  ("--resume", args.resume)) if v]
+    if given:
+        raise ValueError(f"purify auto runs a plan of defenses (fastpurify.purify); {', '.join(given)} belong(s) to "
+                         "one defense: name the defense instead of auto")
 
 
 def _save_model(path, result, args, name: str) -> None:
@@ -170,6 +195,10 @@ def run_defense(name: str, model, x, y, *, reference: bool, seed: int, device, p
     from . import defenses as fast_defenses
     from .reference import defenses as ref_defenses
 
+    if name == "auto":  # the measured plan: fastpurify/auto.py
+        from .auto import purify
+
+        return purify(model, (x, y), seed=seed, device=device, progress=progress, **kwargs)
     fn = getattr(ref_defenses if reference else fast_defenses, name)
     return fn(model, x if name == "bcu" else (x, y), seed=seed, device=device, progress=progress, **kwargs)
 
@@ -219,15 +248,19 @@ def cmd_purify(args) -> int:
         _save_model(args.out, result, args, name)
     before, after, eval_s = before_after(model, result, xt, yt, trigger, args.target, device)
     out = {
-        "defense": name, "path": "reference" if args.reference else fast_defenses.status()[name],
+        "defense": name, "path": "reference" if args.reference else fast_defenses.status().get(name, "fast path"),
         "arch": args.arch, "checkpoint": str(args.checkpoint), "clean_count": len(y), "eval_count": len(yt),
         "before": {k: before.as_dict()[k] for k in ("acc", "asr", "ra")},
         "after": {k: after.as_dict()[k] for k in ("acc", "asr", "ra")},
         "der": der(before, after), "defense_seconds": result.timings.get("defense"), "eval_seconds": eval_s,
         "status": result.status, "rounds": len(result.history), "schedule": result.schedule,
-        "config": result.config, "device": str(device), "seed": args.seed, "out": args.out,
+        "config": result.config, "recipe": result.info.get("recipe"), "device": str(device), "seed": args.seed,
+        "out": args.out,
         "state": kwargs.get("checkpoint"), "history": result.history,
     }
+    if name == "auto":  # what the plan ran
+        out["steps"] = [{k: st.get(k) for k in ("defense", "recipe", "status", "rounds", "seconds")}
+                        for st in result.info["steps"]]
     return report(args, out, before, after, os.path.basename(str(args.checkpoint)))
 
 
@@ -247,6 +280,10 @@ def report(args, out: dict, before, after, source: str) -> int:
     else:
         print(f"{out['defense']} ({out['path']}) on {source}, {out['clean_count']} clean images, {out['rounds']} "
               f"rounds, {out['defense_seconds']:.1f} s on {out['device']} ({out['status']})")
+        for st in out.get("steps") or ():
+            secs = f", {st['seconds']:.1f} s" if st.get("seconds") is not None else ""
+            print(f"  step {st['defense']} (recipe {st['recipe']}): {st['status']}"
+                  + (f", {st['rounds']} rounds" if st.get("rounds") is not None else "") + secs)
         _print_eval("  before", before)
         _print_eval("  after ", after)
         print(f"  DER {out['der']:.2f} %   evaluation {out['eval_seconds']:.1f} s"

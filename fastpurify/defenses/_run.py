@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import backend as _backend
+from ..recipes import apply_recipe
 from . import _state
 from ._inputs import CleanData, Normalize, check_eval, check_normalization, prepare
 from ._loop import EvalSet, Interrupted, Loop, PurifyResult, check_choice, check_positive
@@ -45,7 +46,7 @@ from ._state import DivergenceError, PurificationError
 #: The options every defense takes besides its hyper-parameters.
 COMMON_OPTIONS = ("normalization", "num_classes", "epochs", "backend", "device", "seed", "time_budget", "eval_data",
                   "eval_every", "progress", "inplace", "check_range", "max_images", "checkpoint", "checkpoint_every",
-                  "resume")
+                  "resume", "recipe")
 
 
 def _config(config_cls, epochs: Optional[int], hyperparameters: Dict[str, Any], name: str):
@@ -234,19 +235,23 @@ def run_defense(name: str, algorithm: Callable[..., Optional[Dict[str, Any]]], c
                 device=None, seed: int = 0, time_budget: Optional[float] = None, eval_data: Any = None,
                 eval_every: int = 1, progress: bool = True, inplace: bool = False, check_range: bool = True,
                 max_images: Optional[int] = None, checkpoint=None, checkpoint_every: int = 1, resume=None,
-                allow_small: bool = False, sync_checks: bool = True, clock: Optional[Callable[[], float]] = None,
+                recipe: str = "published", allow_small: bool = False, sync_checks: bool = True,
+                fast_path: bool = False, clock: Optional[Callable[[], float]] = None,
                 **hyperparameters) -> PurifyResult:
     """Check everything, then run ``algorithm(net, data, cfg, loop)`` on a copy of ``model`` (``net`` is the
     copy behind the normalisation, if any) and return a :class:`PurifyResult`. ``algorithm`` may return a
     dict of extras for ``result.info``. ``ops``: the fastpurify ops the algorithm calls (a tuple, or a function
-    of the configuration), resolved against ``backend`` before any work. ``clock``: the clock of timings and
-    of the time budget (tests inject a deterministic one)."""
+    of the configuration), resolved against ``backend`` before any work. ``recipe``: a named set of settings
+    (:mod:`fastpurify.recipes`) placed under the ``hyperparameters`` given; recipes other than ``"published"``
+    exist on the fast paths only (``fast_path=True``). ``clock``: the clock of timings and of the time budget
+    (tests inject a deterministic one)."""
     clock = clock if clock is not None else time.perf_counter
     clock_start = clock()
     if not isinstance(model, nn.Module):
         raise TypeError(f"{name}: model must be a torch.nn.Module, got {type(model).__name__}")
     for opt, v in (("inplace", inplace), ("progress", progress), ("check_range", check_range)):
         check_bool(opt, v)
+    hyperparameters, epochs = apply_recipe(name, recipe, hyperparameters, epochs, fast_path)
     cfg = _config(config_cls, epochs, hyperparameters, name)
     check_choice("backend", backend if backend is not None else "auto", ("auto",) + _backend.BACKENDS)
     check_positive("eval_every", eval_every, integer=True)
@@ -285,7 +290,7 @@ def run_defense(name: str, algorithm: Callable[..., Optional[Dict[str, Any]]], c
                                       batch_size=getattr(cfg, "batch_size", None), check_range=check_range,
                                       allow_small=allow_small, max_images=max_images)
         eval_fn = _eval_fn(evalset, net, data, dev, check_range)
-        meta = {"defense": name, "config": dataclasses.asdict(cfg), "seed": seed,
+        meta = {"defense": name, "recipe": recipe, "config": dataclasses.asdict(cfg), "seed": seed,
                 "model_fingerprint": _state.fingerprint(net),
                 "data_fingerprint": _state.data_fingerprint(data.x, data.y)}
         if resume_state is not None:
@@ -301,6 +306,7 @@ def run_defense(name: str, algorithm: Callable[..., Optional[Dict[str, Any]]], c
         with torch.random.fork_rng(devices=devices), _backend.use(backend, f"{name}(backend=...)"):
             torch.manual_seed(seed)
             info = algorithm(net, data, cfg, loop) or {}
+        info = {"recipe": recipe, **info}
         _final_checks(name, net, loop, cfg, len(data))
     except KeyboardInterrupt:
         suspended.restore(keep_grads=inplace)

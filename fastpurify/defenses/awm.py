@@ -270,4 +270,4 @@ def awm(model: nn.Module, clean_data, **kwargs) -> PurifyResult:
     """
     check_model_layers(model, kwargs)
     return run_defense("awm", _awm, FastAWMConfig, model, clean_data, ops=OPS, allow_small=True, sync_checks=False,
-                       **kwargs)
+                       fast_path=True, **kwargs)

@@ -507,4 +507,5 @@ def baerase(model: nn.Module, clean_data, **kwargs) -> PurifyResult:
         >>> r.status, r.info["target"]
         ('completed', 0)
     """
-    return run_defense("baerase", _baerase, FastBAERASEConfig, model, clean_data, sync_checks=False, **kwargs)
+    return run_defense("baerase", _baerase, FastBAERASEConfig, model, clean_data, sync_checks=False,
+                       fast_path=True, **kwargs)

@@ -174,4 +174,5 @@ def bcu(model: nn.Module, clean_data, **kwargs) -> PurifyResult:
         >>> r.status, r.info["layer_groups"]["classifier"]
         ('completed', 'classifier')
     """
-    return run_defense("bcu", _bcu, FastBCUConfig, model, clean_data, labels=False, sync_checks=False, **kwargs)
+    return run_defense("bcu", _bcu, FastBCUConfig, model, clean_data, labels=False, sync_checks=False,
+                       fast_path=True, **kwargs)

@@ -343,4 +343,4 @@ def ibau(model: nn.Module, clean_data, **kwargs) -> PurifyResult:
         ('completed', (1, 3, 32, 32))
     """
     return run_defense("ibau", twice_differentiable_attention(_ibau), FastIBAUConfig, model, clean_data, ops=ops,
-                       sync_checks=False, **kwargs)
+                       sync_checks=False, fast_path=True, **kwargs)

@@ -186,4 +186,5 @@ def sau(model: nn.Module, clean_data, **kwargs) -> PurifyResult:
         >>> r.status
         'completed'
     """
-    return run_defense("sau", _sau, FastSAUConfig, model, clean_data, ops=ops, sync_checks=False, **kwargs)
+    return run_defense("sau", _sau, FastSAUConfig, model, clean_data, ops=ops, sync_checks=False,
+                       fast_path=True, **kwargs)
