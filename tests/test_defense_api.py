@@ -74,7 +74,8 @@ def test_returns_a_copy_and_keeps_the_users_model():
     assert all(torch.equal(a, b) for a, b in zip(before, _params(m)))
     assert m.training and r.model.training  # the mode the user's model had
     assert not all(torch.equal(a, b) for a, b in zip(before, _params(r.model)))
-    assert r.info == {"rounds_run": 2} and r.timings["train"] > 0 and r.timings["defense"] >= r.timings["train"]
+    assert r.info == {"recipe": "published", "rounds_run": 2}
+    assert r.timings["train"] > 0 and r.timings["defense"] >= r.timings["train"]
     assert set(r.history[0]) >= {"round", "seconds", "loss"}
 
 
