@@ -12,6 +12,12 @@ Usage::
     python benchmarks/quality.py --defenses ibau awm --checkpoints badnets
     python benchmarks/quality.py --set sau.epochs=5 --set bcu.epochs=20     # fewer epochs on a CPU (say so)
     python benchmarks/quality.py --fast                            # fastpurify.<defense> instead of the reference
+    python benchmarks/quality.py --fast --recipe robust --seeds 0 1 2   # the robust recipes, three seeds
+    python benchmarks/quality.py --auto --seeds 0 1 2              # fastpurify.purify (its measured plan)
+
+quality.md opens with the table at a glance (defense and recipe × checkpoint: ACC / ASR after, mean over the
+seeds, ✓ where the bar is met) and quality.png draws ASR against the ACC drop per defense and recipe (needs
+matplotlib: ``pip install fastpurify[plot]``); the full rows follow.
 """
 
 from __future__ import annotations
@@ -49,8 +55,63 @@ def _parse_sets(items):
 def merge_row(folder: Path, row: dict, env: dict) -> None:
     """Add ``row`` to quality.json (replacing the same defense/path/checkpoint) under a lock, so that several
     quality jobs can run side by side, then rewrite quality.md."""
-    merge_rows(folder, "quality", [row], lambda r: (r["defense"], r["path"], r["checkpoint"]), env,
+    merge_rows(folder, "quality", [row], lambda r: (r["defense"], r["path"], r["checkpoint"], _recipe(r),
+                                                    r.get("seed", 0)), env,
                lambda rows: write_tables(folder, rows, env), list_key="runs")
+
+
+def _recipe(r: dict) -> str:
+    return r.get("recipe") or "published"
+
+
+def _works(r: dict) -> bool:
+    from fastpurify.metrics import BAR
+
+    return r["after"]["asr"] <= BAR["max_asr"] and r["before"]["acc"] - r["after"]["acc"] <= BAR["max_acc_drop"]
+
+
+def glance(rows: list) -> list:
+    """Defense (recipe and settings, path) × checkpoint: ACC / ASR after, the mean over seeds (± half the range when
+    there are several), ✓ where the mean meets the bar."""
+    from fastpurify.metrics import BAR
+
+    cks = sorted({r["checkpoint"] for r in rows})
+    groups: dict = {}
+    for r in rows:
+        label = ", ".join([_recipe(r)] + [f"{k}={v}" for k, v in r["overrides"].items()])  # shortened schedules
+        groups.setdefault((r["defense"], label, r["path"]), {}).setdefault(r["checkpoint"], []).append(r)
+    out = ["| defense | recipe | path | " + " | ".join(cks) + " |",
+           "| --- | --- | --- | " + " | ".join("---" for _ in cks) + " |"]
+    for (d, rec, path), per in sorted(groups.items()):
+        cells = []
+        for ck in cks:
+            rs = per.get(ck)
+            if not rs:
+                cells.append("—")
+                continue
+            acc = [r["after"]["acc"] for r in rs]
+            asr = [r["after"]["asr"] for r in rs]
+            drop = sum(r["before"]["acc"] for r in rs) / len(rs) - sum(acc) / len(acc)
+            mean_asr = sum(asr) / len(asr)
+            ok = mean_asr <= BAR["max_asr"] and drop <= BAR["max_acc_drop"]
+            spread = (f" (±{(max(asr) - min(asr)) / 2:.1f}, {len(rs)} seeds)" if len(rs) > 1 else "")
+            cells.append(f"{sum(acc) / len(acc):.1f} / {mean_asr:.1f}{spread}{' ✓' if ok else ''}")
+        out.append(f"| {d} | {rec} | {path} | " + " | ".join(cells) + " |")
+    return out
+
+
+def write_plot(folder: Path, rows: list) -> None:
+    """quality.png: ASR after against the ACC drop, per defense and recipe (fastpurify.plot.plot_sweep)."""
+    try:
+        from fastpurify.plot import plot_sweep
+
+        pts = [{"defense": r["defense"] + ("" if r["path"] == "fast" else " (ref)"), "recipe": _recipe(r),
+                "checkpoint": r["checkpoint"], "seed": r.get("seed", 0), "acc_before": r["before"]["acc"],
+                "acc_after": r["after"]["acc"], "asr_before": r["before"]["asr"], "asr_after": r["after"]["asr"]}
+               for r in rows]
+        plot_sweep(pts, folder / "quality.png", title="Purification on the real checkpoints (quality.md)")
+    except ImportError as e:  # matplotlib is an optional extra
+        print(f"quality.png not drawn: {e}", file=sys.stderr)
 
 
 def write_tables(folder: Path, rows: list, env: dict) -> None:
@@ -60,20 +121,28 @@ def write_tables(folder: Path, rows: list, env: dict) -> None:
         "Clean data: the first `clean` images of `data_batch_1` (BCU: without labels). Evaluation: the full "
         "`test_batch` (10,000 clean; ASR and RA over the 9,000 triggered images whose label is not the target). "
         "Seconds: the defense alone (evaluation excluded). Written by `benchmarks/quality.py`.", "",
-        "| defense | path | checkpoint | clean | settings | ACC before | ASR before | ACC | ASR | RA | DER | seconds | "
-        "threads | status | commit | works? |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "## At a glance", "",
+        "ACC / ASR after (%), mean over the seeds run; ✓: ASR ≤ 5 % with an ACC drop ≤ 3 points "
+        "(specs/evaluation.md). Chart: [quality.png](quality.png).", "",
+        *glance(rows), "",
+        "## Every run", "",
+        "| defense | recipe | seed | path | checkpoint | clean | settings | ACC before | ASR before | ACC | ASR | RA | "
+        "DER | seconds | threads | status | commit | works? |",
+        "|" + " --- |" * 18,
     ]
-    for r in sorted(rows, key=lambda r: (r["defense"], r["path"], r["checkpoint"])):
-        ok = r["after"]["asr"] <= 5.0 and r["before"]["acc"] - r["after"]["acc"] <= 3.0
-        settings = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "published defaults"
+    for r in sorted(rows, key=lambda r: (r["defense"], _recipe(r), r["path"], r["checkpoint"], r.get("seed", 0))):
+        ok = _works(r)
+        settings = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or (
+            "published defaults" if _recipe(r) == "published" else "the recipe's")
         lines.append(
-            f"| {r['defense']} | {r['path']} | {r['checkpoint']} | {r['clean_count']} | {settings} | "
+            f"| {r['defense']} | {_recipe(r)} | {r.get('seed', 0)} | {r['path']} | {r['checkpoint']} | "
+            f"{r['clean_count']} | {settings} | "
             f"{r['before']['acc']:.2f} | {r['before']['asr']:.2f} | {r['after']['acc']:.2f} | "
             f"{r['after']['asr']:.2f} | {r['after']['ra']:.2f} | {r['der']:.2f} | {r['defense_seconds']:.0f} | "
             f"{r['threads']} | {r['status']} | {r['commit']} | {'yes' if ok else 'no'} |")
     lines += ["", "works? = ASR ≤ 5 % with an ACC drop ≤ 3 points (specs/evaluation.md)."]
     (folder / "quality.md").write_text("\n".join(lines) + "\n")
+    write_plot(folder, rows)
 
 
 def main(argv=None) -> int:
@@ -86,7 +155,11 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", metavar="DEFENSE.KEY=VALUE", help="e.g. --set sau.epochs=5")
     ap.add_argument("--eval-every", type=int, default=0, help="also evaluate every N rounds (kept in the history "
                                                                "of quality.json; timed apart); 0: only at the end")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--recipe", default="published", choices=("published", "robust"),
+                    help="the fast path's recipe (fastpurify/recipes.py); robust needs --fast")
+    ap.add_argument("--auto", action="store_true", help="run fastpurify.purify (its measured plan) instead of one "
+                                                        "defense; the row's defense is 'auto'")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="one row per seed (default 0)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out-dir", default=None, help="default benchmarks/results/<device>")
     args = ap.parse_args(argv)
@@ -98,6 +171,8 @@ def main(argv=None) -> int:
     from fastpurify.reference import defenses as ref
     from fastpurify.triggers import parse_trigger
 
+    if args.recipe != "published" and not args.fast:
+        raise SystemExit("--recipe robust exists on the fast path only: add --fast")
     overrides = _parse_sets(args.set)
     data = Path(args.data) if args.data else default_data_dir()
     ibau = data / "ibau"
@@ -109,25 +184,31 @@ def main(argv=None) -> int:
 
     x, y = load_cifar10(data, split="train", count=args.clean_count)
     xt, yt = load_cifar10(data, split="test")
-    path = "fast" if args.fast else "reference"
+    path = "fast" if args.fast or args.auto else "reference"
+    jobs = ["auto"] if args.auto else args.defenses
     for ck in args.checkpoints:
         fname, spec, target = CHECKPOINTS[ck]
         trigger = parse_trigger(spec.format(ibau=ibau))
         model = load_checkpoint(ibau / fname, arch="small_vgg").to(device)
         before = evaluate(model, xt, yt, trigger=trigger, target=target, device=device)
         print(f"{ck}: before {before}", flush=True)
-        for d in args.defenses:
-            fn = getattr(fastpurify if args.fast else ref, d)
+        for d, seed in ((d, s) for d in jobs for s in args.seeds):
+            if d == "auto":
+                fn, kw = fastpurify.purify, {}
+            else:
+                fn = getattr(fastpurify if args.fast else ref, d)
+                kw = dict(overrides[d], recipe=args.recipe)
             clean = x if d == "bcu" else (x, y)
             t0 = time.perf_counter()
-            kw = dict(seed=args.seed, device=device, progress=sys.stderr.isatty(), **overrides[d])
+            kw.update(seed=seed, device=device, progress=sys.stderr.isatty())
             if args.eval_every:
                 kw.update(eval_data=(xt, yt, trigger, target), eval_every=args.eval_every)
             res = fn(model, clean, **kw)
             wall = time.perf_counter() - t0
             after = evaluate(res.model, xt, yt, trigger=trigger, target=target, device=device)
-            row = {"defense": d, "path": path, "checkpoint": ck, "clean_count": len(y), "overrides": overrides[d],
-                   "seed": args.seed,
+            row = {"defense": d, "path": path, "checkpoint": ck, "clean_count": len(y),
+                   "overrides": overrides.get(d, {}), "recipe": "auto" if d == "auto" else args.recipe, "seed": seed,
+                   "plan": res.info.get("steps") and [(s["defense"], s["recipe"]) for s in res.info["steps"]],
                    "before": before.as_dict(), "after": after.as_dict(), "der": der(before, after),
                    "defense_seconds": res.timings["defense"], "wall_seconds": wall, "status": res.status,
                    "rounds": len(res.history), "history": res.history, "device": env["device"],
