@@ -4,6 +4,7 @@ A trigger is a callable ``trigger(x) -> x_triggered`` on a batch N×C×H×W in [
 and moves its own tensors to ``x``'s device and dtype. ``parse_trigger`` reads the CLI syntax::
 
     patch:size=4,row=27,col=27,value=1      (every key optional)
+    randpatch:size=3,value=1,seed=0         a size×size patch at a random position per image (every key optional)
     add:FILE.png                            clip(x + image, 0, 1)
     blend:FILE.png,alpha=0.2                (1 - alpha) * x + alpha * image
     masked:pattern=FILE.png,mask=FILE.npy   x * (1 - mask) + pattern * mask
@@ -31,6 +32,7 @@ __all__ = [
     "BlendTrigger",
     "MaskedTrigger",
     "PatchTrigger",
+    "RandomPatchTrigger",
     "Trigger",
     "load_image",
     "load_mask",
@@ -42,7 +44,8 @@ __all__ = [
 
 PathLike = Union[str, "os.PathLike[str]"]
 TRIGGER_SYNTAX = (
-    "patch[:size=4,row=27,col=27,value=1] | add:FILE.png | blend:FILE.png[,alpha=0.2] | "
+    "patch[:size=4,row=27,col=27,value=1] | randpatch[:size=3,value=1,seed=0] | "
+    "add:FILE.png | blend:FILE.png[,alpha=0.2] | "
     "masked:pattern=FILE.png,mask=FILE.npy"
 )
 
@@ -261,6 +264,43 @@ class PatchTrigger(Trigger):
         return out
 
 
+class RandomPatchTrigger(Trigger):
+    """A ``size``×``size`` patch of ``value`` at a random position per image (a random-location BadNets: no
+    universal perturbation of a fixed pixel set represents it). The positions come from a generator seeded with
+    ``seed`` at every call, so the same batch gets the same positions each time (evaluations repeat).
+
+    Shapes: N×C×H×W -> N×C×H×W (same dtype and device).
+
+    Example:
+        >>> t = RandomPatchTrigger(3, seed=0)
+        >>> out = t(torch.zeros(4, 3, 32, 32))
+        >>> [int((out[i] == 1).sum()) for i in range(4)], bool(torch.equal(out, t(torch.zeros(4, 3, 32, 32))))
+        ([27, 27, 27, 27], True)
+    """
+
+    def __init__(self, size: int = 3, value: float = 1.0, seed: int = 0) -> None:
+        for name, v, lo in (("size", size, 1), ("seed", seed, 0)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+                raise ValueError(f"randpatch {name} must be an integer >= {lo}, got {v!r}")
+        if not 0.0 <= float(value) <= 1.0:
+            raise ValueError(f"randpatch value must lie in [0, 1], got {value!r}")
+        self.size, self.value, self.seed = int(size), float(value), int(seed)
+        self.spec = f"randpatch:size={self.size},value={self.value:g},seed={self.seed}"
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        k = self.size
+        if k > h or k > w:
+            raise ValueError(f"{self.spec}: a {k}×{k} patch does not fit {h}×{w} images")
+        g = torch.Generator().manual_seed(self.seed)
+        rows = torch.randint(0, h - k + 1, (n, 1, 1), generator=g).to(x.device)
+        cols = torch.randint(0, w - k + 1, (n, 1, 1), generator=g).to(x.device)
+        r = torch.arange(h, device=x.device).view(1, h, 1)
+        c = torch.arange(w, device=x.device).view(1, 1, w)
+        inside = (r >= rows) & (r < rows + k) & (c >= cols) & (c < cols + k)  # N×H×W
+        return torch.where(inside[:, None], torch.full((), self.value, dtype=x.dtype, device=x.device), x)
+
+
 class BlendTrigger(Trigger):
     """Blended attack: ``(1 - alpha) * x + alpha * image``.
 
@@ -380,6 +420,7 @@ def parse_trigger(spec: str) -> Trigger:
 
     valid = {
         "patch": ("size", "row", "col", "value"),
+        "randpatch": ("size", "value", "seed"),
         "add": ("image",),
         "blend": ("image", "alpha"),
         "masked": ("pattern", "mask"),
@@ -396,6 +437,14 @@ def parse_trigger(spec: str) -> Trigger:
         args = {k: _number(spec, k, v, float if k == "value" else int) for k, v in keyed.items()}
         try:
             return PatchTrigger(**args)
+        except ValueError as e:
+            raise _bad(spec, str(e)) from None
+    if kind == "randpatch":
+        if positional:
+            raise _bad(spec, f"randpatch takes only key=value items, got {positional[0]!r}")
+        args = {k: _number(spec, k, v, float if k == "value" else int) for k, v in keyed.items()}
+        try:
+            return RandomPatchTrigger(**args)
         except ValueError as e:
             raise _bad(spec, str(e)) from None
     if kind == "masked":

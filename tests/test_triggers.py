@@ -330,3 +330,26 @@ def test_triggered_test_set():
     torch.testing.assert_close(xt, PatchTrigger()(x[y != 2]))
     with pytest.raises(ValueError, match="target 10"):
         triggered_test_set(x, y, PatchTrigger(), target=10)
+
+
+def test_random_patch_trigger_moves_per_image_and_repeats_per_call():
+    from fastpurify.triggers import RandomPatchTrigger
+
+    t = parse_trigger("randpatch:size=3,value=1,seed=4")
+    assert isinstance(t, RandomPatchTrigger) and t.spec == "randpatch:size=3,value=1,seed=4"
+    x = torch.zeros(64, 3, 32, 32)
+    out = t(x)
+    assert torch.equal(out, t(x)) and x.abs().sum() == 0  # same positions each call; x not mutated
+    where = (out[:, 0] == 1).nonzero()
+    assert all(int((out[i, 0] == 1).sum()) == 9 for i in range(64))  # one whole 3×3 patch per image
+    corners = {(int(where[where[:, 0] == i][:, 1].min()), int(where[where[:, 0] == i][:, 2].min())) for i in range(64)}
+    assert len(corners) > 32  # positions differ between images
+    assert not torch.equal(out, parse_trigger("randpatch:size=3,seed=5")(x))
+
+
+@pytest.mark.parametrize("spec,msg", [("randpatch:size=0", "size must be an integer >= 1"),
+                                      ("randpatch:value=1.5", r"value must lie in \[0, 1\]"),
+                                      ("randpatch:3", "only key=value"), ("randpatch:row=2", "unknown key")])
+def test_random_patch_trigger_bad_specs(spec, msg):
+    with pytest.raises(ValueError, match=msg):
+        parse_trigger(spec)
