@@ -91,6 +91,13 @@ def format_options(name: str, reference: bool = False) -> str:
         tag = " [fast path only]" if r["fast_only"] else ""
         out.append(f"  {r['name']:<{width}}  {repr(r['default']):<{dwidth}}  {r['help']}{tag}")
     out.append(f"common options of every defense (Python keywords): {', '.join(COMMON_OPTIONS)}")
+    if not reference:
+        from .recipes import ROBUST
+
+        robust = ROBUST.get(name)
+        out.append("recipes (--recipe, recipe=): published (the defaults above)" + (
+            "; robust: " + ", ".join(f"{k}={v!r}" for k, v in robust.items()) if robust else
+            "; no robust recipe measured yet"))
     return "\n".join(out)
 
 

@@ -222,3 +222,11 @@ def test_cli_auto_runs_the_plan_and_reports_its_steps(capsys, workload, monkeypa
     assert out["defense"] == "auto" and out["status"] == "completed"
     assert [(s["defense"], s["recipe"]) for s in out["steps"]] == [(d, r) for d, r, _ in PLAN]
     assert out["recipe"] == "auto" and "verdict" in out
+
+
+def test_list_options_names_the_recipes(capsys):
+    from fastpurify.options import format_options
+
+    text = format_options("ibau")
+    assert "robust: " + ", ".join(f"{k}={v!r}" for k, v in recipes.ROBUST["ibau"].items()) in text
+    assert "recipes" not in format_options("ibau", reference=True)
