@@ -40,7 +40,9 @@ VAL = slice(8000, 10000)  # tuning's validation images: never trained on, never 
 ZOO = {
     "blend_noise": dict(arch="small_vgg", trigger="blend:<noise>,alpha=0.15", target=0, rate=0.1, split="tune"),
     # first trained at rate 0.01 (80 poisoned images): the backdoor did not implant (test ASR 6.60 %, ACC 60.52),
-    # so the model measured nothing; retrained at 0.03 before any defense had run on it
+    # so the model measured nothing; retrained at 0.03 before any defense had run on it: still not implanted
+    # (ASR 8.32 %, ACC 59.32) with 8,000 images and 15 epochs. Models whose ASR before is under BACKDOORED are
+    # reported as such and not counted for or against a recipe.
     "patch_low_rate": dict(arch="small_vgg", trigger="patch:size=3,row=1,col=1,value=1", target=3, rate=0.03,
                            split="heldout"),
     "add_noise": dict(arch="small_vgg", trigger="add:<sign0.05>", target=5, rate=0.1, split="heldout"),
@@ -48,6 +50,7 @@ ZOO = {
                                   split="heldout"),
 }
 TRAINING = dict(epochs=15, lr=0.01, batch_size=128)
+BACKDOORED = 50.0  # test ASR (%) before purification below which a model does not count as backdoored
 
 
 def default_dir() -> Path:
@@ -131,6 +134,13 @@ def purify_one(name: str, folder: Path, defense: str, recipe: str, seed: int, da
             "plan": [(s["defense"], s["recipe"]) for s in res.info.get("steps", [])] or None}
 
 
+def folder_meta(out: Path) -> list:
+    """'name: ACC / ASR' of every trained model in the zoo folder, including those no defense ran on."""
+    folder = default_dir()
+    return [f"{m['name']} {m['test']['acc']:.2f} / {m['test']['asr']:.2f} (rate {m['rate']})"
+            for m in (json.loads(f.read_text()) for f in folder.glob("*.json")) if "test" in m]
+
+
 def write_results(out: Path, rows: list, env: dict) -> None:
     from fastpurify.metrics import BAR
 
@@ -158,12 +168,16 @@ def write_results(out: Path, rows: list, env: dict) -> None:
             acc = [r["eval"]["test"]["after"]["acc"] for r in rs]
             asr = [r["eval"]["test"]["after"]["asr"] for r in rs]
             a, s = sum(acc) / len(acc), sum(asr) / len(asr)
-            ok = s <= BAR["max_asr"] and first["acc"] - a <= BAR["max_acc_drop"]
+            ok = s <= BAR["max_asr"] and first["acc"] - a <= BAR["max_acc_drop"] and first["asr"] >= BACKDOORED
             spread = f" ±{(max(asr) - min(asr)) / 2:.1f} ({len(rs)} seeds)" if len(rs) > 1 else " (1 seed)"
             cells.append(f"{a:.1f} / {s:.1f}{spread}{' ✓' if ok else ''}")
-        lines.append(f"| {name} | {ZOO[name]['split']} | {first['acc']:.1f} / {first['asr']:.1f} | "
+        weak = " (not backdoored: ASR before < 50 %)" if first["asr"] < BACKDOORED else ""
+        lines.append(f"| {name} | {ZOO[name]['split']}{weak} | {first['acc']:.1f} / {first['asr']:.1f} | "
                      + " | ".join(cells) + " |")
-    lines += ["", "Seconds per run (fast path, this machine): "
+    trained = sorted(folder_meta(out))
+    if trained:
+        lines += ["", "Trained models (test ACC / ASR before any defense): " + "; ".join(trained)]
+    lines += ["", "Seconds per run (fast path, this machine, contended by other jobs: not a speed measurement): "
               + ", ".join(f"{r['model']} {r['defense']} {r['recipe']} s{r['seed']}: {r['seconds']:.0f}"
                           for r in sorted(rows, key=lambda r: (r["model"], r["defense"], r["recipe"], r["seed"])))]
     (out / "zoo.md").write_text("\n".join(lines) + "\n")
