@@ -118,7 +118,7 @@ def render(rows: list, env: dict, folder: Path) -> str:
             same = {k: v for k, v in rs[0]["settings"].items() if k not in filled}
             base = [q["after"] for q in quality if (q["defense"], q["checkpoint"], q["path"]) == (d, ck, path)
                     and {k: v for k, v in q["overrides"].items() if k not in filled} == same
-                    and q.get("seed", 0) == rs[0]["seed"]]
+                    and q.get("seed", 0) == rs[0]["seed"] and (q.get("recipe") or "published") == "published"]
             mark = " q" if base else ""
         pert = [r["after"] for r in rs if r["replicate"] > 0]
         secs = statistics.fmean(r["defense_seconds"] for r in rs)
