@@ -1,8 +1,8 @@
 """``fastpurify.purify``: one call that purifies without knowing the attack.
 
 It runs a *plan* — a sequence of (defense, recipe) steps, each on the model the step before returned — chosen
-from the measurements in docs/quality.md (:data:`PLAN` says which and why), fitted to an optional time budget,
-and returns the usual :class:`~fastpurify.PurifyResult` with what it ran in ``info["steps"]``.
+from the measurements in benchmarks/results/cpu-amd-epyc-2t/quality.md and zoo.md (:data:`PLAN` says which and
+why), fitted to an optional time budget, and returns the usual :class:`~fastpurify.PurifyResult` with what it ran in ``info["steps"]``.
 
 Time budget: each step gets the budget that remains when it starts, less what the steps after it are
 estimated to need (their share of the plan's measured cost, :data:`PLAN`), so the first step cannot eat the
@@ -108,7 +108,7 @@ def purify(model: nn.Module, clean_data: Any, time_budget: Optional[float] = Non
                          f"({', '.join(st['defense'] + ' ' + st['recipe'] for st in steps)}) trains on labels. "
                          "For unlabelled images "
                          "call fastpurify.bcu(model, x) (label-free; it does not meet the bar on the shared "
-                         "checkpoints, docs/quality.md)")
+                         "checkpoints: benchmarks/results/cpu-amd-epyc-2t/quality.md)")
     from . import defenses
 
     clock = clock if clock is not None else time.perf_counter

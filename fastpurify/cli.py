@@ -441,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("purify", help="purify a checkpoint on CIFAR-10 clean data and measure before/after")
     s.add_argument("defense", help="sau | ibau | awm | baerase | bcu, or auto: the measured plan of "
-                                   "fastpurify.purify (docs/quality.md), fitted to --time-budget")
+                                   "fastpurify.purify (fastpurify/auto.py), fitted to --time-budget")
     s.add_argument("--arch", default=None, help="built-in architecture: small_vgg (default), preact_resnet18, resnet18")
     _add_model_options(s, record=True)
     s.add_argument("--recipe", default=None, metavar="{published,robust}",

@@ -3,10 +3,11 @@
 - ``"published"`` (the default): the paper's settings, i.e. each configuration's defaults. It is the faithful
   baseline every speed-up is measured against, and the only recipe the references
   (:mod:`fastpurify.reference.defenses`) run.
-- ``"robust"``: settings chosen to remove the backdoor where the published ones do not (ASR <= 5 % with an ACC
-  drop <= 3 points, :data:`fastpurify.metrics.BAR`), tuned without the test set: on images of ``data_batch_1``
-  the defender never gets (see ``benchmarks/recipes.py``, which measures them, and docs/quality.md for the
-  numbers). Every setting a recipe changes is an ordinary, documented option of the fast path: a recipe is a
+- ``"robust"``: settings aimed at removing the backdoor where the published ones do not (the goal: ASR <= 5 %
+  with an ACC drop <= 3 points, :data:`fastpurify.metrics.BAR`), tuned without the test set: on images of
+  ``data_batch_1`` the defender never gets (the tuning runs are listed beside each recipe below; the test-set
+  results are in benchmarks/results/cpu-amd-epyc-2t/quality.md and zoo.md, written by benchmarks/quality.py and
+  zoo.py). Every setting a recipe changes is an ordinary, documented option of the fast path: a recipe is a
   starting point, and anything you pass yourself wins over it.
 
 A defense has a robust recipe only where one was measured to beat the published settings; asking for one that
@@ -29,7 +30,7 @@ __all__ = ["RECIPES", "ROBUST", "apply_recipe", "available", "recipe_settings"]
 RECIPES = ("published", "robust")
 
 #: The robust recipe of each defense that has one: the settings it changes from the published defaults, and
-#: why, with the measurement behind it (benchmarks/results/<device>/recipes.md).
+#: why, with the measurements behind it.
 ROBUST: Dict[str, Dict[str, Any]] = {
     # I-BAU's published outer loss gives the recovered perturbation to ⌊0.01·100⌋ = 1 image per batch of 100:
     # the unlearning signal is one image in a hundred, and the result swings with the seed that picks it
