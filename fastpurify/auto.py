@@ -2,10 +2,11 @@
 
 It runs a *plan* — a sequence of (defense, recipe) steps, each on the model the step before returned — chosen
 from the measurements in benchmarks/results/cpu-amd-epyc-2t/quality.md and zoo.md (:data:`PLAN` says which and
-why), fitted to an optional time budget, and returns the usual :class:`~fastpurify.PurifyResult` with what it ran in ``info["steps"]``.
+why), fitted to an optional time budget, and returns the usual :class:`~fastpurify.PurifyResult` with what it
+ran in ``info["steps"]``.
 
 Time budget: each step gets the budget that remains when it starts, less what the steps after it are
-estimated to need (their share of the plan's measured cost, :data:`PLAN`), so the first step cannot eat the
+estimated to need (their share of the plan's relative cost, :data:`PLAN`), so the first step cannot eat the
 whole budget; the last step gets everything that remains. A step that cannot make one useful update in its
 share raises :class:`~fastpurify.TimeBudgetError` for a one-step plan; in a longer plan the steps after a
 budget-limited step are skipped and the result's status is ``"budget_exhausted"`` (never ``"completed"``).

@@ -198,12 +198,12 @@ from test_cli import _err, main, no_work, workload  # noqa: E402,F401  (fixtures
     (["auto", "--recipe", "robust"], "takes no --recipe or defense setting"),
     (["autox"], "unknown defense 'autox'"),
 ])
-def test_recipe_and_auto_options_are_checked_before_loading(capsys, workload, no_work, extra, expected):
+def test_recipe_and_auto_options_are_checked_before_loading(capsys, workload, no_work, extra, expected):  # noqa: F811
     err = _err(capsys, ["purify", extra[0], *workload["base"], *extra[1:]])
     assert expected in err, err
 
 
-def test_cli_recipe_runs_the_recipes_settings(capsys, workload):
+def test_cli_recipe_runs_the_recipes_settings(capsys, workload):  # noqa: F811
     assert main(["purify", "ibau", *workload["base"], "--recipe", "robust", "--epochs", "1", "--clean-count", "100",
                  "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -211,7 +211,7 @@ def test_cli_recipe_runs_the_recipes_settings(capsys, workload):
     assert out["config"]["outer_portion"] == recipes.ROBUST["ibau"]["outer_portion"]
 
 
-def test_cli_auto_runs_the_plan_and_reports_its_steps(capsys, workload, monkeypatch):
+def test_cli_auto_runs_the_plan_and_reports_its_steps(capsys, workload, monkeypatch):  # noqa: F811
     import fastpurify.auto
 
     # the default plan's steps, one round each (the command's own path: purify auto -> fastpurify.purify)
