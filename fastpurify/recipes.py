@@ -42,8 +42,8 @@ ROBUST: Dict[str, Dict[str, Any]] = {
     #   outer_portion 0.2: badnets 88.90 / 2.27, trojan_wm 89.80 / 10.78 (per round 68, 73, 18, 30, 11: unstable)
     #   outer_portion 0.5: badnets 84.85 / 3.37, trojan_wm 85.90 / 1.83
     #   outer_portion 0.5, lr 5e-4 (to spare ACC): badnets 88.75 / 28.23, trojan_wm 79.75 / 59.83 (worse on both)
-    # On the test set (seed 0) the ACC cost is 7-8 points: the robust recipe meets the ASR half of the bar only
-    # (benchmarks/results/cpu-amd-epyc-2t/quality.md).
+    # On the test set (3 seeds) ASR 4.73 % (3.78-5.71) on badnets, 6.35 % (2.52-10.22) on trojan_wm, at an ACC
+    # cost of 7.0 / 7.6 points: better than published (9.3 / 18.5 %), not the bar (quality.md).
     "ibau": {"outer_portion": 0.5, "epochs": 5},
 }
 
