@@ -431,20 +431,12 @@ def parse_trigger(spec: str) -> Trigger:
     if unknown:
         raise _bad(spec, f"unknown key(s) {', '.join(unknown)} for {kind!r} (valid keys: {', '.join(valid[kind])})")
 
-    if kind == "patch":
+    if kind in ("patch", "randpatch"):
         if positional:
-            raise _bad(spec, f"patch takes only key=value items, got {positional[0]!r}")
+            raise _bad(spec, f"{kind} takes only key=value items, got {positional[0]!r}")
         args = {k: _number(spec, k, v, float if k == "value" else int) for k, v in keyed.items()}
         try:
-            return PatchTrigger(**args)
-        except ValueError as e:
-            raise _bad(spec, str(e)) from None
-    if kind == "randpatch":
-        if positional:
-            raise _bad(spec, f"randpatch takes only key=value items, got {positional[0]!r}")
-        args = {k: _number(spec, k, v, float if k == "value" else int) for k, v in keyed.items()}
-        try:
-            return RandomPatchTrigger(**args)
+            return (PatchTrigger if kind == "patch" else RandomPatchTrigger)(**args)
         except ValueError as e:
             raise _bad(spec, str(e)) from None
     if kind == "masked":
