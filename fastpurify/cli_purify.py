@@ -214,6 +214,38 @@ def before_after(model, result, xt, yt, trigger, target: int, device):
     return before, after, time.perf_counter() - t0 + result.timings.get("eval", 0.0)
 
 
+#: Seconds a collective of a data-parallel run may wait for the other ranks (then it fails with a clear error).
+DIST_TIMEOUT_ENV = "FASTPURIFY_DIST_TIMEOUT"
+
+
+def join_process_group(device):
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment): join the process group — NCCL with one GPU per
+    process (``cuda:LOCAL_RANK``) when the device is CUDA, gloo on CPU — with a bounded timeout
+    (``FASTPURIFY_DIST_TIMEOUT`` seconds, default 300), so that a rank that died makes the others fail instead of
+    hang. Returns ``(rank, device)``; ``(0, device)`` in one process or when the caller already joined."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        raw = os.environ.get(DIST_TIMEOUT_ENV, "300")
+        try:
+            timeout = float(raw)
+            assert timeout > 0
+        except (ValueError, AssertionError):
+            raise ValueError(f"{DIST_TIMEOUT_ENV}={raw!r}: expected a number of seconds > 0") from None
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout))
+    return dist.get_rank(), device
+
+
 def cmd_purify(args) -> int:
     from . import defenses as fast_defenses
     from .config import purify_config
@@ -230,7 +262,9 @@ def cmd_purify(args) -> int:
         kwargs = _check_purify(args)  # every check that needs no model or data, before any loading
     name = args.defense.lower()
     trigger = parse_trigger(args.trigger)
-    device = _device(args.device)
+    # torchrun: every rank runs the defense on its share of each batch; only rank 0 shows progress, evaluates,
+    # saves and prints (fastpurify/defenses/_dist.py)
+    rank, device = join_process_group(_device(args.device))
     model = load_model(args.checkpoint, *args.model_choice).to(device)
     x, y = load_cifar10(args.data, split="train", count=args.clean_count)
     xt, yt = load_cifar10(args.data, split="test", count=args.eval_count)
@@ -243,7 +277,9 @@ def cmd_purify(args) -> int:
         result = run_defense(name, model, x, y, reference=args.reference, seed=args.seed, device=device,
                              progress=progress, **kwargs)
     except Interrupted as e:
-        return _interrupted(args, name, e.result, kwargs)
+        return _interrupted(args, name, e.result, kwargs) if rank == 0 else EXIT_INTERRUPTED
+    if rank != 0:  # rank 0 reports; the weights are the same on every rank
+        return 0
     if args.out:
         _save_model(args.out, result, args, name)
     before, after, eval_s = before_after(model, result, xt, yt, trigger, args.target, device)

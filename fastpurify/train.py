@@ -27,10 +27,13 @@ from ._progress import Progress
 __all__ = ["augment_batch", "train", "train_backdoored"]
 
 
-def augment_batch(x: torch.Tensor, generator: Optional[torch.Generator] = None, padding: int = 4) -> torch.Tensor:
+def augment_batch(x: torch.Tensor, generator: Optional[torch.Generator] = None, padding: int = 4,
+                  rows: Optional[slice] = None, total: Optional[int] = None) -> torch.Tensor:
     """Random crop with zero padding ``padding`` and random horizontal flip, per sample, in one batched gather.
 
-    Draws its randomness from ``generator`` (which must live on ``x.device``).
+    Draws its randomness from ``generator`` (which must live on ``x.device``). ``rows``/``total``: ``x`` is rows
+    ``rows`` of a batch of ``total`` images (a data-parallel rank's share): the draws are made for all ``total``
+    and this share's rows used, so each image is augmented as in one process.
 
     Shapes: N×C×H×W -> N×C×H×W.
 
@@ -42,9 +45,12 @@ def augment_batch(x: torch.Tensor, generator: Optional[torch.Generator] = None, 
     n, c, h, w = x.shape
     dev = x.device
     padded = F.pad(x, (padding, padding, padding, padding))
-    oy = torch.randint(0, 2 * padding + 1, (n, 1, 1, 1), generator=generator, device=dev)
-    ox = torch.randint(0, 2 * padding + 1, (n, 1, 1, 1), generator=generator, device=dev)
-    flip = torch.rand((n, 1, 1, 1), generator=generator, device=dev) < 0.5
+    m = n if total is None else total
+    oy = torch.randint(0, 2 * padding + 1, (m, 1, 1, 1), generator=generator, device=dev)
+    ox = torch.randint(0, 2 * padding + 1, (m, 1, 1, 1), generator=generator, device=dev)
+    flip = torch.rand((m, 1, 1, 1), generator=generator, device=dev) < 0.5
+    if rows is not None:
+        oy, ox, flip = oy[rows], ox[rows], flip[rows]
     cols = torch.arange(w, device=dev).view(1, 1, 1, w)
     # A flipped sample reads its columns right-to-left: flipping is folded into the same gather index.
     cols = torch.where(flip, w - 1 - cols, cols) + ox

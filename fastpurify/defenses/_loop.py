@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .._progress import Progress
-from . import _state
+from . import _dist, _state
 from ._state import DivergenceError, PurificationError  # noqa: F401  (re-exported)
 
 STATUSES = ("completed", "budget_exhausted", "interrupted")
@@ -34,6 +34,11 @@ LOSS_LIMIT = 1e8
 # user's device, the result): a share of the budget, at least a few milliseconds.
 BUDGET_RESERVE = 0.02
 BUDGET_RESERVE_MIN_S = 0.02
+
+
+class RuleNineError(AssertionError):
+    """A defense read the clean data or changed the weights outside the loop helper (DESIGN.md rule 9): raised
+    by the guard tests install (``Loop(guard=True)``)."""
 
 
 class TimeBudgetError(RuntimeError):
@@ -122,8 +127,19 @@ class Loop:
                  clock: Optional[Callable[[], float]] = None, model: Optional[nn.Module] = None,
                  checkpoint: Optional[Any] = None, checkpoint_every: int = 1,
                  resume_state: Optional[Dict[str, Any]] = None, meta: Optional[Dict[str, Any]] = None,
-                 progress_file: Optional[Any] = None) -> None:
+                 progress_file: Optional[Any] = None, group: Optional[_dist.Group] = None,
+                 guard: bool = False) -> None:
         self.name = name
+        # data parallelism (_dist.py): None in one process
+        self.group = group
+        self.rank = group.rank if group is not None else 0
+        self.world = group.world if group is not None else 1
+        self.batch_rows: Optional[slice] = None  # this rank's rows of the last global batch batches() yielded
+        self.batch_n = 0  # that global batch's size
+        # the rule-9 guard (tests): weights may change only inside step() and writing()
+        self.guard = guard
+        self._guard_state: Optional[List[Tensor]] = None
+        self._yielded: Dict[int, Tensor] = {}  # index tensors batches() handed out (the data guard's allow list)
         # The clock of timings and of the time budget: time.perf_counter, or a test's deterministic clock.
         self.clock = clock if clock is not None else time.perf_counter
         self.model = model  # the working model: health checks, snapshots, checkpoints
@@ -142,8 +158,8 @@ class Loop:
         self.device = device
         self.progress = progress
         # a bar on a terminal, lines elsewhere (progress_file, default sys.stderr): _progress.py
-        self._progress = Progress(name, rounds, enabled=progress, file=progress_file, clock=self.clock,
-                                  budget_left=None if time_budget is None else self.remaining)
+        self._progress = Progress(name, rounds, enabled=progress and self.rank == 0, file=progress_file,
+                                  clock=self.clock, budget_left=None if time_budget is None else self._remaining_local)
         self.time_budget = time_budget
         self.eval_fn = eval_fn
         self.eval_every = eval_every
@@ -222,9 +238,15 @@ class Loop:
     # ------------------------------------------------------------------------------------------- budget
     def _budget_clock(self) -> float:
         """Seconds since the defense was called, evaluation excluded (what the time budget is spent on). On
-        CUDA the device is synchronised first, so that queued work counts: with a budget, one sync per step."""
+        CUDA the device is synchronised first, so that queued work counts: with a budget, one sync per step.
+        Data-parallel: rank 0's clock, broadcast (one collective), so that every rank takes the same decisions."""
         self._sync()
-        return self.clock() - self._origin - self._eval_seconds
+        now = self.clock() - self._origin - self._eval_seconds
+        return now if self.group is None else self.group.broadcast_float(now)
+
+    def _remaining_local(self) -> float:
+        """The budget left by this rank's own clock (the progress display's ETA: no collective)."""
+        return self._limit() - (self.clock() - self._origin - self._eval_seconds)
 
     def _limit(self) -> float:
         b = float(self.time_budget)
@@ -326,6 +348,8 @@ class Loop:
         if not self._updated:
             self._pre_share = max(self._pre_share, share)
         left = share * self.remaining()
+        if self.group is not None:  # rank 0's measured cost decides for all
+            cost_each = self.group.broadcast_float(cost_each, "budget plan")
         n = int(left // cost_each) if cost_each > 0 else requested
         return max(1, min(requested, n))
 
@@ -354,13 +378,15 @@ class Loop:
             count = steps if steps is not None else max(1, n // batch_size)
             # all the phase's indices drawn at once (the same stream as one draw per step) and copied to the device
             # in one transfer, not one blocking copy per step
-            drawn = torch.randint(0, n, (count, batch_size), generator=self.generator).to(self.device)
+            drawn = torch.randint(0, n, (count, batch_size), generator=self.generator)
+            rows = self.group.rows(batch_size) if self.group is not None else slice(0, batch_size)
+            drawn = drawn[:, rows].to(self.device)  # data-parallel: this rank's rows of every global batch
             self._progress.expect(count)
             for i in range(count):
                 if timed and self.out_of_time(kind):
                     return
                 self._progress.heartbeat()
-                yield drawn[i]
+                yield self._hand_out(drawn[i], rows, batch_size)
             if timed:
                 self.out_of_time(kind)  # time the last step
             return
@@ -377,9 +403,42 @@ class Loop:
                 return
             self._progress.heartbeat()
             count += 1
-            yield order[s:s + batch_size]
+            idx = order[s:s + batch_size]
+            rows = self.group.rows(idx.shape[0]) if self.group is not None else slice(0, idx.shape[0])
+            yield self._hand_out(idx[rows], rows, idx.shape[0])
         if timed:
             self.out_of_time(kind)  # time the last step
+
+    def probe(self, n: int) -> Tensor:
+        """Indices of the first ``n`` clean images (every rank: not sharded), for tracing shapes before the
+        rounds (BCU's layer groups); no random number is drawn."""
+        idx = torch.arange(n, device=self.device)
+        if self.guard:
+            self._yielded[id(idx)] = idx
+        return idx
+
+    def _hand_out(self, idx: Tensor, rows: slice, n: int) -> Tensor:
+        """Record the batch being handed out: its global size, this rank's rows of it (and, for the guard, the
+        index tensor itself: the data may be read only through indices batches() gave)."""
+        self.batch_rows, self.batch_n = rows, n
+        if self.guard:
+            self._yielded[id(idx)] = idx
+        return idx
+
+    # ------------------------------------------------------------------------------------------- data parallel
+    @property
+    def distributed(self) -> bool:
+        return self.group is not None
+
+    def local(self, t: Tensor, dim: int = 0) -> Tensor:
+        """This rank's rows of ``t``, a draw made for a whole global batch (random numbers per image: drawn for
+        the global batch on every rank, from the same generator, then sliced, so each image gets what it gets in
+        one process). ``t`` itself in one process."""
+        return t if self.group is None else self.group.local(t, dim)
+
+    def global_sum(self, t: Tensor) -> Tensor:
+        """The SUM of ``t`` over the ranks (``t`` itself in one process): sums over rows, counts, statistics."""
+        return t if self.group is None else self.group.sum(t)
 
     # ------------------------------------------------------------------------------------------- steps
     def check_finite(self, loss: Tensor, what: str = "loss") -> None:
@@ -402,20 +461,73 @@ class Loop:
         self._bad_step = first if self._bad_step is None else torch.where(self._bad_step >= 0, self._bad_step, first)
 
     def step(self, optimizer: torch.optim.Optimizer, loss: Optional[Tensor] = None, *,
-             updates_model: bool = True) -> None:
+             updates_model: bool = True, shares: bool = False,
+             project: Optional[Callable[[], None]] = None) -> None:
         """The one point where weights change: backward (when ``loss`` is given), optimizer step, zero grad.
         ``updates_model=False`` for optimizers of auxiliary networks (e.g. BAERASE's generator): their steps
-        do not count as purification for the time budget's too-short check."""
+        do not count as purification for the time budget's too-short check.
+
+        Data-parallel, the gradients of the optimizer's parameters are summed over the ranks here (one
+        collective), after ``loss`` — the mean over this rank's rows of the last batch — was weighted by the rank's
+        share of that global batch. ``shares=True``: the loss (or the ``.grad`` the caller set) is already this
+        rank's share of the global loss (I-BAU's hypergradient, over two batches). ``project``: a projection run
+        right after the optimizer step, part of it (AWM's clamp of the masks to [0, 1])."""
+        self._check_guard("before")
         if loss is not None:
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            # data-parallel: the rank's loss (a mean over its rows) weighted by its share of the global batch, so
+            # that the SUM of the ranks' gradients is the one-process gradient of the global batch's mean
+            scale = None if self.group is None or shares else (self.batch_rows.stop - self.batch_rows.start) / max(
+                1, self.batch_n)
+            (loss if scale is None else loss * scale).backward()
+        if self.group is not None:
+            _dist.reduce_grads(self.group, _dist.optimizer_params(optimizer))
         optimizer.step()
+        if project is not None:
+            project()
+        self._check_guard("after")
         if updates_model:
             if not self._updated and self.time_budget is not None:
                 self._first_update_at = self._budget_clock()
             self._updated = True
             self.step_in_round += 1
             self._progress.step()
+
+    @contextlib.contextmanager
+    def writing(self, what: str):
+        """The one other point where weights may change: a write that is not an optimizer step (BCU's
+        re-initialisation, AWM folding its masks into the weights). Data-parallel, rank 0's weights are
+        broadcast afterwards (the ranks computed the same write; the broadcast makes them bit-equal)."""
+        self._check_guard("before")
+        yield
+        if self.group is not None and self.model is not None:
+            self.group.broadcast_module(self.model)
+        self._check_guard("after")
+
+    def _check_guard(self, when: str) -> None:
+        """The rule-9 guard (``guard=True``, tests): the model's weights must be what the last step or write left
+        (a write anywhere else is an error naming the parameter); "after" records the new state."""
+        if not self.guard or self.model is None:
+            return
+        params = list(self.model.named_parameters())
+        if when == "after" or self._guard_state is None:
+            self._guard_state = [p.detach().clone() for _, p in params]
+            return
+        for (n, p), old in zip(params, self._guard_state):
+            if p.shape != old.shape or not torch.equal(p.detach(), old):
+                raise RuleNineError(f"{self.name}: the weight {n} changed outside loop.step / loop.writing "
+                                    f"(seen {when} round {self.round + 1}, step {self.step_in_round + 1})")
+
+    def end_guard(self) -> None:
+        """After the defense returned: no weight changed since its last step or write (the guard's last check)."""
+        self._check_guard("after the end of")
+
+    def read_guard(self, idx: Any) -> None:
+        """The data guard (``guard=True``): ``idx`` must be an index tensor :meth:`batches` handed out."""
+        if self.guard and not (isinstance(idx, Tensor) and self._yielded.get(id(idx)) is idx):
+            raise RuleNineError(f"{self.name}: the clean data was read with {type(idx).__name__} "
+                                f"{idx if not isinstance(idx, Tensor) else tuple(idx.shape)}, not with an index "
+                                "loop.batches handed out (DESIGN.md rule 9)")
 
     def log(self, **values: Any) -> None:
         """Record values for this round (tensors are read once, at the round's end)."""
@@ -442,6 +554,7 @@ class Loop:
                 if r >= self.total_rounds:
                     break
                 self.round, self.step_in_round, self._pending, self._bad_step = r, 0, {}, None
+                self._yielded.clear()
                 self._once_seconds = 0.0
                 self._progress.start_round(r, self.total_rounds)
                 t_round = self._budget_clock() if self.time_budget is not None else 0.0
@@ -529,7 +642,8 @@ class Loop:
         self.completed_rounds = done
         if self.model is not None:
             self.last_good = self._snapshot()
-        if self.checkpoint is not None and (done % self.checkpoint_every == 0 or done >= self.total_rounds):
+        if self.checkpoint is not None and self.rank == 0 and (done % self.checkpoint_every == 0
+                                                                or done >= self.total_rounds):
             self.write_checkpoint()
 
     def write_checkpoint(self) -> None:
@@ -542,21 +656,25 @@ class Loop:
         _state.save(self.checkpoint, state)
 
     def _end_round(self) -> None:
-        if self._bad_step is not None:
-            s = int(self._bad_step)  # the one sync of the finite guard per round
-            if s >= 0:
-                raise DivergenceError(f"{self.name}: non-finite or exploding loss (|loss| > {LOSS_LIMIT:g}) at round "
-                                      f"{self.round + 1}, step {s + 1}; the run diverged: lower the learning rate "
-                                      "or check the model and data")
+        self._check_guard("at the end of")
+        s = int(self._bad_step) if self._bad_step is not None else -1  # the one sync of the finite guard per round
+        if self.group is not None:  # a step that went bad on any rank stops every rank
+            s = self.group.max_int(s)
+        if s >= 0:
+            raise DivergenceError(f"{self.name}: non-finite or exploding loss (|loss| > {LOSS_LIMIT:g}) at round "
+                                  f"{self.round + 1}, step {s + 1}; the run diverged: lower the learning rate "
+                                  "or check the model and data")
         self._check_health()
         rec: Dict[str, Any] = {"round": self.round + 1, "seconds": self.elapsed()}
         tensors = {k: v for k, v in self._pending.items() if isinstance(v, Tensor)}
         if tensors:
-            values = torch.stack([t.float().mean() for t in tensors.values()]).tolist()
-            rec.update(dict(zip(tensors, values)))
+            stacked = torch.stack([t.float().mean() for t in tensors.values()])
+            if self.group is not None:  # data-parallel: the mean of the ranks' per-round values
+                stacked = self.group.sum(stacked, "history") / self.world
+            rec.update(dict(zip(tensors, stacked.tolist())))
         rec.update({k: v for k, v in self._pending.items() if not isinstance(v, Tensor)})
         last = self.round + 1 == self.total_rounds or self._cut
-        if self.eval_fn is not None and ((self.round + 1) % self.eval_every == 0 or last):
+        if self.eval_fn is not None and self.rank == 0 and ((self.round + 1) % self.eval_every == 0 or last):
             self._sync()
             t0 = self.clock()
             rec.update(self.eval_fn())

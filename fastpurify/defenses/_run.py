@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import time
 from collections import OrderedDict
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -38,7 +39,7 @@ from torch import Tensor, nn
 
 from .. import backend as _backend
 from ..recipes import apply_recipe
-from . import _state
+from . import _dist, _state
 from ._inputs import CleanData, Normalize, check_eval, check_normalization, prepare
 from ._loop import EvalSet, Interrupted, Loop, PurifyResult, check_choice, check_positive
 from ._state import DivergenceError, PurificationError
@@ -46,7 +47,17 @@ from ._state import DivergenceError, PurificationError
 #: The options every defense takes besides its hyper-parameters.
 COMMON_OPTIONS = ("normalization", "num_classes", "epochs", "backend", "device", "seed", "time_budget", "eval_data",
                   "eval_every", "progress", "inplace", "check_range", "max_images", "checkpoint", "checkpoint_every",
-                  "resume", "recipe")
+                  "resume", "recipe", "distributed")
+
+#: Fast paths that do not run data-parallel yet, and why (checked before any work).
+NOT_DATA_PARALLEL = {
+    "baerase": "its MINE estimator's moving average and its generators' BatchNorm statistics are not yet reduced "
+               "over the ranks",
+}
+
+#: ``FASTPURIFY_RULE9_GUARD=1``: every run reads its data and changes its weights only through the loop helper,
+#: or fails with RuleNineError (the tests' check of DESIGN.md rule 9).
+GUARD_ENV = "FASTPURIFY_RULE9_GUARD"
 
 
 def _config(config_cls, epochs: Optional[int], hyperparameters: Dict[str, Any], name: str):
@@ -235,7 +246,8 @@ def run_defense(name: str, algorithm: Callable[..., Optional[Dict[str, Any]]], c
                 device=None, seed: int = 0, time_budget: Optional[float] = None, eval_data: Any = None,
                 eval_every: int = 1, progress: bool = True, inplace: bool = False, check_range: bool = True,
                 max_images: Optional[int] = None, checkpoint=None, checkpoint_every: int = 1, resume=None,
-                recipe: str = "published", allow_small: bool = False, sync_checks: bool = True,
+                recipe: str = "published", distributed: Optional[bool] = None, allow_small: bool = False,
+                sync_checks: bool = True,
                 fast_path: bool = False, clock: Optional[Callable[[], float]] = None,
                 **hyperparameters) -> PurifyResult:
     """Check everything, then run ``algorithm(net, data, cfg, loop)`` on a copy of ``model`` (``net`` is the
@@ -244,7 +256,9 @@ def run_defense(name: str, algorithm: Callable[..., Optional[Dict[str, Any]]], c
     of the configuration), resolved against ``backend`` before any work. ``recipe``: a named set of settings
     (:mod:`fastpurify.recipes`) placed under the ``hyperparameters`` given; recipes other than ``"published"``
     exist on the fast paths only (``fast_path=True``). ``clock``: the clock of timings and of the time budget
-    (tests inject a deterministic one)."""
+    (tests inject a deterministic one). ``distributed``: ``None`` runs data-parallel exactly when a
+    ``torch.distributed`` process group of more than one process exists (``_dist.py``), ``False`` never,
+    ``True`` requires it."""
     clock = clock if clock is not None else time.perf_counter
     clock_start = clock()
     if not isinstance(model, nn.Module):
@@ -270,6 +284,16 @@ def run_defense(name: str, algorithm: Callable[..., Optional[Dict[str, Any]]], c
         _state.check_writable(ckpt, "checkpoint")
     resume_path = _state.path_arg(resume, "resume")
     resume_state = _state.load(resume_path, name) if resume_path is not None else None
+    if distributed is not None and not isinstance(distributed, bool):
+        raise TypeError(f"distributed must be True, False or None (auto), got {distributed!r}")
+    group = _dist.active(distributed)
+    if group is not None and not fast_path:
+        raise ValueError(f"{name}: the reference implementation runs in one process, and this one is rank "
+                         f"{group.rank} of {group.world}: use the fast path (fastpurify.{name}) to run data-parallel, "
+                         "or pass distributed=False to run the reference alone in every process")
+    if group is not None and name in NOT_DATA_PARALLEL:
+        raise ValueError(f"{name}: does not run data-parallel yet ({NOT_DATA_PARALLEL[name]}); run it in one "
+                         "process (or pass distributed=False to run it alone in every process)")
     user_device = _check_model(model, name)
     dev = _device(device, user_device)
     _backend.plan(name, tuple(ops(cfg) if callable(ops) else ops), backend, device_type=dev.type)
@@ -290,6 +314,7 @@ def run_defense(name: str, algorithm: Callable[..., Optional[Dict[str, Any]]], c
                                       batch_size=getattr(cfg, "batch_size", None), check_range=check_range,
                                       allow_small=allow_small, max_images=max_images)
         eval_fn = _eval_fn(evalset, net, data, dev, check_range)
+        guard = os.environ.get(GUARD_ENV, "") not in ("", "0")
         meta = {"defense": name, "recipe": recipe, "config": dataclasses.asdict(cfg), "seed": seed,
                 "model_fingerprint": _state.fingerprint(net),
                 "data_fingerprint": _state.data_fingerprint(data.x, data.y)}
@@ -300,12 +325,15 @@ def run_defense(name: str, algorithm: Callable[..., Optional[Dict[str, Any]]], c
         loop = Loop(name, cfg.epochs, device=dev, seed=seed, progress=progress, time_budget=time_budget,
                     eval_fn=eval_fn, eval_every=eval_every, sync_checks=sync_checks, clock_start=clock_start,
                     clock=clock, model=net, checkpoint=ckpt, checkpoint_every=checkpoint_every,
-                    resume_state=resume_state, meta=meta)
+                    resume_state=resume_state, meta=meta, group=group, guard=guard)
         loop.track(**suspended.generators)  # the dropout masks' streams: a resumed run draws the same masks
         devices = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), _backend.use(backend, f"{name}(backend=...)"):
             torch.manual_seed(seed)
-            info = algorithm(net, data, cfg, loop) or {}
+            # data-parallel: train-mode BatchNorm normalises with the global batch's statistics (_dist.py)
+            with _dist.sync_batchnorm(net, group):
+                info = algorithm(net, GuardedData(data, loop) if guard else data, cfg, loop) or {}
+            loop.end_guard()
         info = {"recipe": recipe, **info}
         _final_checks(name, net, loop, cfg, len(data))
     except KeyboardInterrupt:
@@ -326,6 +354,35 @@ def run_defense(name: str, algorithm: Callable[..., Optional[Dict[str, Any]]], c
     timings["images_per_s"] = n_images / timings["defense"] if timings.get("defense") else 0.0
     return PurifyResult(model=work, history=loop.history, timings=timings, status=loop.status, defense=name,
                         config=dataclasses.asdict(cfg), info=info, schedule=dict(loop.schedule))
+
+
+class _GuardedRows:
+    """The clean images (or labels) as the rule-9 guard shows them to a defense: readable only with an index
+    tensor ``loop.batches`` handed out; shape, device and dtype are free."""
+
+    def __init__(self, t: Tensor, loop: Loop) -> None:
+        self._t, self._loop = t, loop
+        self.shape, self.device, self.dtype = t.shape, t.device, t.dtype
+
+    def __getitem__(self, idx):
+        self._loop.read_guard(idx)
+        return self._t[idx]
+
+    def __len__(self) -> int:
+        return self._t.shape[0]
+
+
+class GuardedData:
+    """:class:`CleanData` behind the rule-9 guard (``FASTPURIFY_RULE9_GUARD=1``)."""
+
+    def __init__(self, data: CleanData, loop: Loop) -> None:
+        self.x = _GuardedRows(data.x, loop)
+        self.y = None if data.y is None else _GuardedRows(data.y, loop)
+        self.num_classes = data.num_classes
+        self._n = len(data)
+
+    def __len__(self) -> int:
+        return self._n
 
 
 def _eval_fn(evalset: Optional[EvalSet], net: nn.Module, data: CleanData, dev: torch.device, check_range: bool):

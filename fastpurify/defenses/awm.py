@@ -144,6 +144,8 @@ def recover_trigger(mm: MaskedModel, data, cfg: AWMConfig, loop, steps: int) -> 
         (g,) = torch.autograd.grad(ce_sum, leaf)
         loop.check_finite(ce_sum, "trigger-recovery loss")
         last = t == steps - 1
+        if loop.distributed:  # the global batch's mean gradient (one all-reduce), the same step on every rank
+            g = loop.global_sum(g.sum(0, keepdim=True)) / loop.batch_n
         universal_update_(delta, g.contiguous(), step=cfg.trigger_lr, reduction="mean",
                           norm="l1" if last else None, radius=cfg.trigger_norm if last else None)
     if t < steps - 1:  # a time budget ended the recovery early: the rescale the last step would have fused
@@ -234,7 +236,7 @@ def _awm(net: nn.Module, data, cfg: FastAWMConfig, loop) -> Dict[str, Any]:
         loop.log(loss=loss, train_acc=acc, trigger_l1=delta.abs().sum(), mask_mean=mean, mask_zero=zero, lr=lr)
     # Fold θ ⊙ m into net's own weights (the Parameter objects are kept, as the reference's parametrize
     # removal keeps them), so that the returned model is the user's class with no fastpurify module inside.
-    with torch.no_grad():
+    with torch.no_grad(), loop.writing("fold the masks"):
         for key, m in named.items():
             net.get_parameter(weights[key]).mul_(m)
     net.eval()

@@ -259,7 +259,7 @@ def flip_rates(net: nn.Module, gen: Generator, data, classes: Sequence[int], cfg
     cls = torch.as_tensor(list(classes), device=dev).unsqueeze(1)
     hits = torch.zeros(kk, device=dev)
     total = torch.zeros(kk, device=dev)
-    per_batch = kk * cfg.batch_size * data.x[0].numel()
+    per_batch = kk * cfg.batch_size * math.prod(data.x.shape[1:])
     group = max(1, SCORE_ELEMENTS // per_batch) if launch_bound(dev) else 1
     pending: List[Tuple[Tensor, Tensor]] = []
 

@@ -106,8 +106,8 @@ def kd_loss(z_s: torch.Tensor, log_p_t: torch.Tensor, temperature: float) -> tor
 def _bcu(net: nn.Module, data, cfg: FastBCUConfig, loop) -> Dict[str, Any]:
     # The teacher is the backdoored model as given: copied before the re-initialisation, frozen, eval mode.
     teacher = copy.deepcopy(net).eval().requires_grad_(False)
-    with loop.phase("reinit"):
-        groups = layer_groups(net, data.x[:2], cfg.stage_map)
+    with loop.phase("reinit"), loop.writing("re-initialisation"):
+        groups = layer_groups(net, data.x[loop.probe(2)], cfg.stage_map)
         counts = reinitialize(net, groups, cfg.reinit_rates, loop.generator)
     if cfg.channels_last:
         net.to(memory_format=torch.channels_last)
@@ -135,7 +135,7 @@ def _bcu(net: nn.Module, data, cfg: FastBCUConfig, loop) -> Dict[str, Any]:
             for idx in loop.batches(len(data), cfg.batch_size, shuffle=True):
                 x = data.x[idx]
                 if cfg.augment:
-                    x = augment_batch(x, aug_gen)
+                    x = augment_batch(x, aug_gen, rows=loop.batch_rows, total=loop.batch_n)
                 if cfg.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with torch.inference_mode(), precision_autocast(cfg.precision, dev):

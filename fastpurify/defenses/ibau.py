@@ -73,7 +73,7 @@ from ..ops.attack import GraphCache
 from ..ops.cg import CapturedHypergrad, implicit_hypergrad
 from ..ops.universal import universal_update_
 from ..reference.defenses.ibau import PASS_SHARE, IBAUConfig, make_optimizer, twice_differentiable_attention
-from ._loop import PRECISIONS, PurifyResult, check_choice, precision_autocast, run_defense
+from ._loop import PRECISIONS, PurifyResult, check_choice, check_positive, precision_autocast, run_defense
 
 # With cuda_graph=None (auto), a batch shape is captured when it will run at least this many outer steps in the
 # run. A capture costs warmup = 2 eager solves on a side stream (the second one's result is the step's own, so one
@@ -93,25 +93,35 @@ class FastIBAUConfig(IBAUConfig):
     # CUDA graphs of the hypergradient step: None (auto) captures each batch shape that repeats >= GRAPH_MIN_STEPS
     # times in the run on CUDA (never on CPU); True captures every shape (CUDA only); False never captures
     cuda_graph: Optional[bool] = None
+    # clean fine-tuning tail (not in the paper): epochs of cross-entropy on the clean data after the last round's
+    # unlearning (fresh Adam), to win back the clean accuracy the unlearning cost; 0 = the published algorithm
+    finetune_epochs: int = 0
+    finetune_lr: float = 1e-4  # the fine-tuning tail's Adam learning rate
 
     def validate(self) -> None:
         super().validate()
         check_choice("precision", self.precision, PRECISIONS)
+        check_positive("finetune_epochs", self.finetune_epochs, integer=True, allow_zero=True)
+        check_positive("finetune_lr", self.finetune_lr)
         if self.cuda_graph is not None and not isinstance(self.cuda_graph, bool):
             raise TypeError(f"cuda_graph must be True, False or None (auto), got {self.cuda_graph!r} "
                             f"({type(self.cuda_graph).__name__})")
 
 
-def perturbation_pass(net: nn.Module, xs, cfg: IBAUConfig, loop) -> Dict[str, Tensor]:
+def perturbation_pass(net: nn.Module, xs, cfg: IBAUConfig, loop, sizes: Optional[List[int]] = None
+                      ) -> Dict[str, Tensor]:
     """Phase 1 of a round: one universal δ from 0, one fused SGD step per batch on
     ``L_δ = −CE(f(x+δ), argmax f(x)) + delta_reg·‖δ‖²``; then the optional L2-ball rescale, on the device.
 
     Shapes: ``xs``: list of (B_j, C, H, W) batches -> ``{"delta": (1, C, H, W), "loss": 0-d sum of L_δ}``.
+    Data-parallel (``sizes``: the global batch sizes), the batch mean of the per-sample gradients is the global
+    batch's (one all-reduce per step), so every rank takes the same step.
     """
     x0 = xs[0]
     delta = torch.zeros((1, *x0.shape[1:]), device=x0.device, dtype=torch.float32)
     loss_sum = torch.zeros((), device=x0.device)
     autocast = precision_autocast(cfg.precision, x0.device)
+    ys_seen: List[None] = []  # steps taken (the index of the global batch size)
     for x in xs:
         if loop.out_of_time("perturbation"):  # a time budget ran out: the pass ends here
             break
@@ -129,6 +139,9 @@ def perturbation_pass(net: nn.Module, xs, cfg: IBAUConfig, loop) -> Dict[str, Te
             # the reference's L_δ at the δ the gradient was taken at (its logged "delta_loss")
             loss = -ce_sum / x.shape[0] + cfg.delta_reg * (delta * delta).sum()
         loop.check_finite(loss, "perturbation loss")
+        if loop.distributed:  # the global batch's mean gradient, then the same fused step on every rank
+            g = loop.global_sum(g.sum(0, keepdim=True)) / sizes[len(ys_seen)]
+        ys_seen.append(None)
         universal_update_(delta, g.contiguous(), step=cfg.delta_lr, reduction="mean", weight_decay=cfg.delta_reg,
                           descend=True)
         loss_sum += loss
@@ -137,15 +150,19 @@ def perturbation_pass(net: nn.Module, xs, cfg: IBAUConfig, loop) -> Dict[str, Te
     return {"delta": delta, "loss": loss_sum}
 
 
-def _row_masks(xs, portion: float, generator: torch.Generator, dev: torch.device):
+def _row_masks(xs, portion: float, generator: torch.Generator, dev: torch.device, loop=None,
+               sizes: Optional[List[int]] = None):
     """The 0/1 masks Mj of the rows that get δ in each outer batch, (B_j, 1, 1, 1) each: ⌊portion·B_j⌋ rows
     drawn with ``randperm`` from the loop's generator in the reference's order (nothing else draws from it
     between the outer steps), so a seed gives the reference's rows; built on the host and copied to the
-    device in one transfer per round (a copy per step would synchronise a GPU stream at every step)."""
+    device in one transfer per round (a copy per step would synchronise a GPU stream at every step).
+    Data-parallel (``sizes``: the global batch sizes): drawn for the global batch, this rank's rows kept."""
     masks = []
-    for x in xs:
-        rows = torch.randperm(x.shape[0], generator=generator)[:int(x.shape[0] * portion)]
-        masks.append(torch.zeros(x.shape[0]).index_fill_(0, rows, 1.0))
+    for j, x in enumerate(xs):
+        n = x.shape[0] if sizes is None else sizes[j]
+        rows = torch.randperm(n, generator=generator)[:int(n * portion)]
+        masks.append(loop.local(torch.zeros(n).index_fill_(0, rows, 1.0)) if sizes is not None else
+                     torch.zeros(n).index_fill_(0, rows, 1.0))
     flat = torch.cat(masks).to(dev)
     return [m.view(-1, 1, 1, 1) for m in torch.split(flat, [x.shape[0] for x in xs])]
 
@@ -157,32 +174,48 @@ def ops(cfg: FastIBAUConfig):
     return ("universal_update",) + (("cg_step", "cg_direction") if cfg.solver == "cg" else ())
 
 
-def inner_loss_fn(net: nn.Module, cfg: IBAUConfig, x1: Tensor, y1: Tensor) -> Callable[[Tensor], Tensor]:
+def inner_loss_fn(net: nn.Module, cfg: IBAUConfig, x1: Tensor, y1: Tensor, share: Optional[Tuple[int, int]] = None
+                  ) -> Callable[[Tensor], Tensor]:
     """``L_in(δ, θ) = −CE(f(X1 + δ), Y1) + delta_reg·‖δ‖²`` on the round's first batch, true labels; reads ``x1``,
-    ``y1`` when called (a captured graph reads the buffers it was captured with)."""
+    ``y1`` when called (a captured graph reads the buffers it was captured with). ``share`` = (global batch size,
+    ranks): this rank's share of the global loss (its rows' CE sum over the global count, the penalty over the
+    ranks), whose sum over the ranks is the one-process loss."""
     def inner_loss(d: Tensor) -> Tensor:
         inp = (x1 + d).clamp(0, 1) if cfg.clamp_images else x1 + d
+        if share is not None:
+            return (-F.cross_entropy(net(inp), y1, reduction="sum") / share[0]
+                    + cfg.delta_reg * (d * d).sum() / share[1])
         return -F.cross_entropy(net(inp), y1) + cfg.delta_reg * (d * d).sum()
 
     return inner_loss
 
 
-def outer_loss_fn(net: nn.Module, cfg: IBAUConfig, xj: Tensor, yj: Tensor, mask: Tensor) -> Callable[[Tensor], Tensor]:
-    """``L_out(δ, θ) = CE(f(Xj + Mj⊙δ), Yj)`` on outer batch j (``mask``: its (B_j, 1, 1, 1) 0/1 row mask)."""
+def outer_loss_fn(net: nn.Module, cfg: IBAUConfig, xj: Tensor, yj: Tensor, mask: Tensor,
+                  share: Optional[int] = None) -> Callable[[Tensor], Tensor]:
+    """``L_out(δ, θ) = CE(f(Xj + Mj⊙δ), Yj)`` on outer batch j (``mask``: its (B_j, 1, 1, 1) 0/1 row mask);
+    ``share`` = the global batch size: this rank's share (its rows' CE sum over the global count)."""
     def outer_loss(d: Tensor) -> Tensor:
         inp = xj + mask * d
-        return F.cross_entropy(net(inp.clamp(0, 1) if cfg.clamp_images else inp), yj)
+        logits = net(inp.clamp(0, 1) if cfg.clamp_images else inp)
+        if share is not None:
+            return F.cross_entropy(logits, yj, reduction="sum") / share
+        return F.cross_entropy(logits, yj)
 
     return outer_loss
 
 
 def hypergrad_step(net: nn.Module, cfg: IBAUConfig, params: List[Tensor], x1: Tensor, y1: Tensor, xj: Tensor,
-                   yj: Tensor, mask: Tensor, delta: Tensor) -> Tuple[List[Tensor], Dict[str, Any]]:
+                   yj: Tensor, mask: Tensor, delta: Tensor, loop=None, n1: int = 0, nj: int = 0
+                   ) -> Tuple[List[Tensor], Dict[str, Any]]:
     """One outer step's hypergradient, eagerly: :func:`fastpurify.ops.implicit_hypergrad` of ``L_out`` on batch j
-    through ``L_in`` on the first batch, the tolerance tested on the device (no host sync)."""
-    return implicit_hypergrad(inner_loss_fn(net, cfg, x1, y1), outer_loss_fn(net, cfg, xj, yj, mask), delta, params,
-                              solver=cfg.solver, K=cfg.K, eta=cfg.inner_lr, tol=cfg.tol, check="none",
-                              return_info=True)
+    through ``L_in`` on the first batch, the tolerance tested on the device (no host sync). Data-parallel
+    (``loop.distributed``; ``n1``, ``nj``: the two global batch sizes): the losses are this rank's shares, g_δ and
+    every Hv are summed over the ranks, and the θ-gradients returned are shares (summed at ``loop.step``)."""
+    dp = loop is not None and loop.distributed
+    inner = inner_loss_fn(net, cfg, x1, y1, (n1, loop.world) if dp else None)
+    outer = outer_loss_fn(net, cfg, xj, yj, mask, nj if dp else None)
+    return implicit_hypergrad(inner, outer, delta, params, solver=cfg.solver, K=cfg.K, eta=cfg.inner_lr, tol=cfg.tol,
+                              check="none", return_info=True, reduce=loop.global_sum if dp else None)
 
 
 def captures(mode: Optional[bool], device: torch.device, steps: int) -> bool:
@@ -269,6 +302,23 @@ def _optimizer(params: List[Tensor], cfg: IBAUConfig, dev: torch.device) -> torc
     return torch.optim.SGD(params, lr=cfg.lr, fused=True)
 
 
+def finetune_tail(net: nn.Module, data, cfg: FastIBAUConfig, loop) -> Tensor:
+    """The clean fine-tuning tail (``finetune_epochs`` > 0): epochs of ``CE(f(x), y)`` on the clean data with a
+    fresh Adam (lr ``finetune_lr``), the model in eval mode (BatchNorm statistics kept, as in the unlearning).
+    Returns the mean loss (0-d, on the device)."""
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=cfg.finetune_lr)
+    total, steps = torch.zeros((), device=data.x.device), 0
+    for _ in range(cfg.finetune_epochs):
+        for idx in loop.batches(len(data), cfg.batch_size, shuffle=True, kind="finetune"):
+            loss = F.cross_entropy(net(data.x[idx]), data.y[idx])
+            loop.check_finite(loss, "fine-tuning loss")
+            loop.step(opt, loss)
+            total += loss.detach()
+            steps += 1
+    return total / max(1, steps)
+
+
 def _ibau(net: nn.Module, data, cfg: FastIBAUConfig, loop) -> Dict[str, Any]:
     dev = data.x.device
     if cfg.cuda_graph is True and dev.type != "cuda":
@@ -282,12 +332,16 @@ def _ibau(net: nn.Module, data, cfg: FastIBAUConfig, loop) -> Dict[str, Any]:
     pert = torch.zeros((1, *data.x.shape[1:]), device=dev)
     for _ in loop.rounds():
         # drawn whole (both passes use them); the time budget is checked at each step instead
-        batches = list(loop.batches(len(data), cfg.batch_size, shuffle=cfg.shuffle, budget=False))
+        batches, sizes = [], []  # this rank's rows of each batch, and the global batch sizes
+        for idx in loop.batches(len(data), cfg.batch_size, shuffle=cfg.shuffle, budget=False):
+            batches.append(idx)
+            sizes.append(loop.batch_n)
         xs = [data.x[idx] for idx in batches]  # gathered once, used by both passes
         ys = [data.y[idx] for idx in batches]
+        dp = loop.distributed
 
         with loop.phase("attack"), loop.share(PASS_SHARE):
-            p = perturbation_pass(net, xs, cfg, loop)
+            p = perturbation_pass(net, xs, cfg, loop, sizes)
         pert = p["delta"]
 
         x1, y1 = xs[0], ys[0]
@@ -295,27 +349,33 @@ def _ibau(net: nn.Module, data, cfg: FastIBAUConfig, loop) -> Dict[str, Any]:
         outer_sum = torch.zeros((), device=dev)
         iters_sum = torch.zeros((), device=dev)
         steps = 0
-        for xj, yj, mask in zip(xs, ys, _row_masks(xs, cfg.outer_portion, loop.generator, dev)):
+        masks = _row_masks(xs, cfg.outer_portion, loop.generator, dev, loop, sizes if dp else None)
+        for j, (xj, yj, mask) in enumerate(zip(xs, ys, masks)):
             if loop.out_of_time("hypergrad"):
                 break
             with loop.phase("hypergrad"):
                 # the outer steps this batch shape will run in the rest of the run (the auto rule's count)
                 same = sum(x.shape == xj.shape for x in xs) * rounds_left
-                if graphs.use(x1, xj, same):
+                if not dp and graphs.use(x1, xj, same):  # (the solve's all-reduces stay out of graphs)
                     grads, info = graphs(x1, y1, xj, yj, mask, pert)
                 else:
-                    grads, info = hypergrad_step(net, cfg, params, x1, y1, xj, yj, mask, pert)
+                    grads, info = hypergrad_step(net, cfg, params, x1, y1, xj, yj, mask, pert, loop, sizes[0],
+                                                 sizes[j])
                 loop.check_finite(info["outer_loss"], "outer loss")
                 for prm, g in zip(params, grads):
                     prm.grad = g
             with loop.phase("unlearn"):
-                loop.step(opt)
-            outer_sum += info["outer_loss"]
+                loop.step(opt, shares=True)
+            # data-parallel: the rank's share times the ranks, whose mean over the ranks (the history) is the loss
+            outer_sum += info["outer_loss"] * loop.world if dp else info["outer_loss"]
             iters_sum += info["solver_iters"]
             steps += 1
         n = max(1, steps)
         loop.log(loss=outer_sum / n, delta_loss=p["loss"] / n, delta_norm=torch.linalg.vector_norm(pert),
                  solver_iters=iters_sum / n)
+        if cfg.finetune_epochs and loop.round == loop.total_rounds - 1:
+            with loop.phase("finetune"):
+                loop.log(finetune_loss=finetune_tail(net, data, cfg, loop))
     for prm in params:
         prm.grad = None
     net.eval()

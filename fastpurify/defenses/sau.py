@@ -131,12 +131,19 @@ def _sau(net: nn.Module, data, cfg: FastSAUConfig, loop) -> Dict[str, Any]:
                            amsgrad=cfg.amsgrad, **({"fused": True} if launch_bound(data.x.device) else {}))
     loop.track(optimizer=opt)  # with the model, all SAU carries from round to round (f0 is the model as given)
     attack = _attack(net, ref, cfg)
+    if loop.distributed:
+        if cfg.cuda_graph:
+            raise ValueError("sau: cuda_graph=True does not run data-parallel (the early exit's all-reduce would be "
+                             "inside the graph); pass cuda_graph=False")
+        attack.global_sum = loop.global_sum
     dev = data.x.device
     for _ in loop.rounds():
         sums = {k: torch.zeros((), device=dev) for k in ("loss", "clean", "sar", "poison", "shared", "pgd_steps")}
         batches, seen = 0, 0
         for idx in loop.batches(len(data), cfg.batch_size, shuffle=True):
             x, y = data.x[idx], data.y[idx]
+            if loop.distributed:  # δ0's random draw is made for the global batch
+                attack.rows = (loop.batch_rows, loop.batch_n)
             with loop.phase("attack"):
                 delta, info = attack(x, y, generator=loop.generator)
             with loop.phase("unlearn"):

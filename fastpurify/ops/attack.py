@@ -57,16 +57,21 @@ def _norm_key(norm: str) -> str:
     return key
 
 
-def _init_delta(x: Tensor, init: str, norm: str, eps: float, generator: Optional[torch.Generator]) -> Tensor:
-    """δ0 as the reference SAU builds it (max: +ε; min: −ε; zero; random: U[0, 1) then projected)."""
+def _init_delta(x: Tensor, init: str, norm: str, eps: float, generator: Optional[torch.Generator],
+                rows: Optional[Tuple[slice, int]] = None) -> Tensor:
+    """δ0 as the reference SAU builds it (max: +ε; min: −ε; zero; random: U[0, 1) then projected). ``rows``:
+    ``(rows, total)`` when ``x`` is those rows of a batch of ``total`` (a data-parallel share): the random draw is
+    made for the whole batch and those rows kept."""
     if init == "max":
         d = torch.full_like(x, eps)
     elif init == "min":
         d = torch.full_like(x, -eps)
     elif init == "zero":
         d = torch.zeros_like(x)
-    else:
+    elif rows is None:
         d = torch.rand(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+    else:
+        d = torch.rand((rows[1], *x.shape[1:]), generator=generator, dtype=x.dtype)[rows[0]].to(x.device)
     if norm == "linf":
         return d.clamp_(-eps, eps)
     p = 2 if norm == "l2" else 1
@@ -243,6 +248,11 @@ class SharedPGD:
         self.loss_fn = loss_fn  # None: the fused dual_logit_loss op on CUDA, the eager formula on CPU
         self.graphs = GraphCache()  # graph_key -> (graph, static state, mean, std)
         self._stack: Optional[_Stacked] = None
+        # Data parallelism (set by the caller, e.g. the fast SAU under torch.distributed): ``global_sum`` sums a
+        # tensor over the ranks, so that the early exit tests the whole global batch; ``rows`` = (this share's
+        # rows, the global batch size) for δ0's random draw. None in one process.
+        self.global_sum: Optional[Callable[[Tensor], Tensor]] = None
+        self.rows: Optional[Tuple[slice, int]] = None
 
     # -- pieces ------------------------------------------------------------------------------------------
 
@@ -284,7 +294,10 @@ class SharedPGD:
         st["done"].add_(st["active"].to(torch.int64))
         for k, v in (("adv", adv), ("adv0", adv0), ("shared", shared)):
             st[k].copy_(v)
-        st["active"].logical_and_(~shared.all())
+        if self.global_sum is None:
+            st["active"].logical_and_(~shared.all())
+        else:  # every row of the global batch shared-adversarial (one collective per step)
+            st["active"].logical_and_(self.global_sum((~shared).sum()) > 0)
 
     def _capture(self, st, forward, mean, std):
         """Warm up on a side stream (state restored afterwards), then capture one step into a CUDA graph."""
@@ -337,7 +350,7 @@ class SharedPGD:
         with torch.no_grad(), self._autocast(dev):  # constants of the attack, computed once
             x_in = self._prep(x, mean, std)
             y_hat, y_hat0 = self.f(x_in).argmax(1), self.f0(x_in).argmax(1)
-        delta = _init_delta(x, self.init, self.key, self.eps, generator)
+        delta = _init_delta(x, self.init, self.key, self.eps, generator, self.rows)
         fresh = {"x": x.contiguous(), "y": y, "y_hat": y_hat, "y_hat0": y_hat0, "delta": delta,
                  "x_adv": self._prep(x + delta, mean, std),
                  "active": torch.ones((), dtype=torch.bool, device=dev),  # False once a step found all shared

@@ -461,7 +461,8 @@ def hvp(loss_fn: Callable[..., Tensor], inputs: Vec, v: Vec, *, mode: str = "rev
 
 def implicit_hypergrad(inner_loss: Callable[[Tensor], Tensor], outer_loss: Callable[[Tensor], Tensor], delta: Tensor,
                        params: Sequence[Tensor], *, solver: str = "cg", K: int = 5, eta: float = 0.1,
-                       tol: Optional[float] = None, check: str = "none", return_info: bool = False
+                       tol: Optional[float] = None, check: str = "none", return_info: bool = False,
+                       reduce: Optional[Callable[[Tensor], Tensor]] = None
                        ) -> Union[List[Tensor], Tuple[List[Tensor], Dict[str, Any]]]:
     """I-BAU's implicit hypergradient ``g_θ + (∂Φ/∂θ)ᵀ v`` through the fixed point δ = Φ(δ, θ) = δ − η∇δL_in.
 
@@ -478,6 +479,11 @@ def implicit_hypergrad(inner_loss: Callable[[Tensor], Tensor], outer_loss: Calla
     they close over). Shapes: ``delta`` any shape (I-BAU: 1×C×H×W); returns one gradient per element of
     ``params`` (their shapes, ready to assign to ``.grad``), and with ``return_info`` a dict with
     ``outer_loss`` (0-d), ``solver_iters`` (0-d int32 device tensor) and ``v`` (δ's shape).
+
+    ``reduce`` (data parallelism): when the two losses are one process's shares of losses summed over processes,
+    ``reduce`` sums a δ-shaped tensor over them; it is applied to ``g_δ`` and to every ``Hv``, so that the solve
+    runs on the global system on every process, and the returned θ-gradients are this process's shares (sum them
+    over the processes, as the loop helper's step does).
 
     Example (a quadratic inner problem ``½δᵀAδ − θᵀδ`` whose solution is ``δ* = A⁻¹θ``)::
 
@@ -500,12 +506,14 @@ def implicit_hypergrad(inner_loss: Callable[[Tensor], Tensor], outer_loss: Calla
         o_loss = outer_loss(d)
         grads = torch.autograd.grad(o_loss, [d] + params, allow_unused=True)
         g_delta = torch.zeros_like(d) if grads[0] is None else grads[0]
+        if reduce is not None:
+            g_delta = reduce(g_delta)
         g_theta = [torch.zeros_like(p) if g is None else g for g, p in zip(grads[1:], params)]
         (g_in,) = torch.autograd.grad(inner_loss(d), [d], create_graph=True)
 
         def hv(u: Tensor) -> Tensor:  # H u, one backward through the kept gradient graph
             (out,) = torch.autograd.grad(g_in, [d], grad_outputs=u, retain_graph=True)
-            return out
+            return out if reduce is None else reduce(out)
 
         if K == 0:
             v, iters, status = torch.zeros_like(g_delta), torch.zeros((), dtype=torch.int32, device=d.device), None

@@ -55,6 +55,7 @@ What this port chose, and why (read against ``jinghuichen/AWM: main.py, models/m
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -181,10 +182,12 @@ def mask_step(loop, optimizer: torch.optim.Optimizer, masks: List[Tensor], loss:
         >>> round(m[0].item(), 6)  # an idle mask shrinks by lr * gamma / (gamma + eps) = 0.5 * lr
         0.995
     """
-    loop.step(optimizer, loss)
-    with torch.no_grad():
-        for m in masks:
-            m.clamp_(0.0, 1.0)
+    def clamp() -> None:
+        with torch.no_grad():
+            for m in masks:
+                m.clamp_(0.0, 1.0)
+
+    loop.step(optimizer, loss, project=clamp)
 
 
 def maskable_layers(net: nn.Module, mask_layers: str = "conv") -> List[Tuple[str, str, str]]:
@@ -316,10 +319,11 @@ def _awm(net: nn.Module, data, cfg: AWMConfig, loop) -> dict:
         # As published, every parameter requires grad (the authors' freshly built network), except the ones the
         # user froze: they stay frozen and unmasked. Only the masks are stepped either way.
         masks = []
-        for key, (mod, p) in zip(keys, targets):
-            parametrize.register_parametrization(mod, p, _Mask(getattr(mod, p)))
-            done.append((key, mod, p))
-            masks.append(getattr(mod.parametrizations, p)[0].mask)
+        with loop.writing("mask parametrisation"):  # the weights become θ ⊙ m (m = 1: the same values)
+            for key, (mod, p) in zip(keys, targets):
+                parametrize.register_parametrization(mod, p, _Mask(getattr(mod, p)))
+                done.append((key, mod, p))
+                masks.append(getattr(mod.parametrizations, p)[0].mask)
         opt = mask_optimizer(masks, cfg)
         sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=cfg.lr_decay)
         # carried from round to round: the masks (in the model's state), their optimiser and its schedule
@@ -345,8 +349,9 @@ def _awm(net: nn.Module, data, cfg: AWMConfig, loop) -> dict:
     finally:
         # Fold θ ⊙ m into each weight (the Parameter object is kept); on an error, restore θ instead.
         final = {key: getattr(mod.parametrizations, p)[0].mask.detach().cpu().clone() for key, mod, p in done}
-        for _, mod, p in done:
-            parametrize.remove_parametrizations(mod, p, leave_parametrized=finished)
+        with loop.writing("fold the masks") if finished else contextlib.nullcontext():
+            for _, mod, p in done:
+                parametrize.remove_parametrizations(mod, p, leave_parametrized=finished)
         for p, flag in flags:
             p.grad = None
             p.requires_grad_(flag)

@@ -320,8 +320,9 @@ def _bcu(net: nn.Module, data, cfg: BCUConfig, loop) -> dict:
     for p in teacher.parameters():
         p.requires_grad_(False)
     with loop.phase("reinit"):
-        groups = layer_groups(net, data.x[:2], cfg.stage_map)
-        counts = reinitialize(net, groups, cfg.reinit_rates, loop.generator)
+        with loop.writing("re-initialisation"):
+            groups = layer_groups(net, data.x[loop.probe(2)], cfg.stage_map)
+            counts = reinitialize(net, groups, cfg.reinit_rates, loop.generator)
     # Only the trainable parameters: a parameter the user froze is never changed (nor re-initialised above).
     opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=cfg.lr, momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay)
