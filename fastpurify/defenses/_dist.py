@@ -125,6 +125,43 @@ class Group:
         return int(t[0])
 
 
+class Sharded:
+    """The loop helper's data access and data-parallel helpers (a mixin of ``_loop.Loop``, which sets ``group``,
+    ``world``, ``device``, ``guard``, ``_yielded``, ``batch_rows`` and ``batch_n``)."""
+
+    def probe(self, n: int) -> Tensor:
+        """Indices of the first ``n`` clean images (every rank: not sharded), for tracing shapes before the
+        rounds (BCU's layer groups); no random number is drawn."""
+        idx = torch.arange(n, device=self.device)
+        if self.guard:
+            self._yielded[id(idx)] = idx
+        return idx
+
+    def _hand_out(self, idx: Tensor, rows: slice, n: int) -> Tensor:
+        """Record the batch being handed out: its global size, this rank's rows of it (and, for the guard, the
+        index tensor itself: the data may be read only through indices batches() gave)."""
+        self.batch_rows, self.batch_n = rows, n
+        if self.guard:
+            self._yielded[id(idx)] = idx
+        return idx
+
+
+    @property
+    def distributed(self) -> bool:
+        return self.group is not None
+
+    def local(self, t: Tensor, dim: int = 0) -> Tensor:
+        """This rank's rows of ``t``, a draw made for a whole global batch (random numbers per image: drawn for
+        the global batch on every rank, from the same generator, then sliced, so each image gets what it gets in
+        one process). ``t`` itself in one process."""
+        return t if self.group is None else self.group.local(t, dim)
+
+    def global_sum(self, t: Tensor) -> Tensor:
+        """The SUM of ``t`` over the ranks (``t`` itself in one process): sums over rows, counts, statistics."""
+        return t if self.group is None else self.group.sum(t)
+
+
+
 def reduce_grads(group: Group, params: Sequence[Tensor]) -> None:
     """SUM every parameter gradient over the ranks (the ranks' losses are shares of the global loss), in one
     collective. A rank without a gradient for a parameter (say, no rows in this batch) adds zeros; a parameter

@@ -21,7 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from .._progress import Progress
-from . import _dist, _state
+from . import _dist, _guard, _state
+from ._guard import RuleNineError  # noqa: F401  (re-exported)
 from ._state import DivergenceError, PurificationError  # noqa: F401  (re-exported)
 
 STATUSES = ("completed", "budget_exhausted", "interrupted")
@@ -34,11 +35,6 @@ LOSS_LIMIT = 1e8
 # user's device, the result): a share of the budget, at least a few milliseconds.
 BUDGET_RESERVE = 0.02
 BUDGET_RESERVE_MIN_S = 0.02
-
-
-class RuleNineError(AssertionError):
-    """A defense read the clean data or changed the weights outside the loop helper (DESIGN.md rule 9): raised
-    by the guard tests install (``Loop(guard=True)``)."""
 
 
 class TimeBudgetError(RuntimeError):
@@ -107,7 +103,7 @@ class PurifyResult:
                 f"defense_seconds={self.timings.get('defense', 0.0):.1f}, last={shown})")
 
 
-class Loop:
+class Loop(_guard.Guarded, _dist.Sharded):
     """Round iterator with progress, history, evaluation cadence, finite guard, phase timings and budget.
 
     Usage inside a defense::
@@ -409,37 +405,6 @@ class Loop:
         if timed:
             self.out_of_time(kind)  # time the last step
 
-    def probe(self, n: int) -> Tensor:
-        """Indices of the first ``n`` clean images (every rank: not sharded), for tracing shapes before the
-        rounds (BCU's layer groups); no random number is drawn."""
-        idx = torch.arange(n, device=self.device)
-        if self.guard:
-            self._yielded[id(idx)] = idx
-        return idx
-
-    def _hand_out(self, idx: Tensor, rows: slice, n: int) -> Tensor:
-        """Record the batch being handed out: its global size, this rank's rows of it (and, for the guard, the
-        index tensor itself: the data may be read only through indices batches() gave)."""
-        self.batch_rows, self.batch_n = rows, n
-        if self.guard:
-            self._yielded[id(idx)] = idx
-        return idx
-
-    # ------------------------------------------------------------------------------------------- data parallel
-    @property
-    def distributed(self) -> bool:
-        return self.group is not None
-
-    def local(self, t: Tensor, dim: int = 0) -> Tensor:
-        """This rank's rows of ``t``, a draw made for a whole global batch (random numbers per image: drawn for
-        the global batch on every rank, from the same generator, then sliced, so each image gets what it gets in
-        one process). ``t`` itself in one process."""
-        return t if self.group is None else self.group.local(t, dim)
-
-    def global_sum(self, t: Tensor) -> Tensor:
-        """The SUM of ``t`` over the ranks (``t`` itself in one process): sums over rows, counts, statistics."""
-        return t if self.group is None else self.group.sum(t)
-
     # ------------------------------------------------------------------------------------------- steps
     def check_finite(self, loss: Tensor, what: str = "loss") -> None:
         """Stop with an error naming the round and step when ``loss`` is not finite. References check at
@@ -492,42 +457,6 @@ class Loop:
             self._updated = True
             self.step_in_round += 1
             self._progress.step()
-
-    @contextlib.contextmanager
-    def writing(self, what: str):
-        """The one other point where weights may change: a write that is not an optimizer step (BCU's
-        re-initialisation, AWM folding its masks into the weights). Data-parallel, rank 0's weights are
-        broadcast afterwards (the ranks computed the same write; the broadcast makes them bit-equal)."""
-        self._check_guard("before")
-        yield
-        if self.group is not None and self.model is not None:
-            self.group.broadcast_module(self.model)
-        self._check_guard("after")
-
-    def _check_guard(self, when: str) -> None:
-        """The rule-9 guard (``guard=True``, tests): the model's weights must be what the last step or write left
-        (a write anywhere else is an error naming the parameter); "after" records the new state."""
-        if not self.guard or self.model is None:
-            return
-        params = list(self.model.named_parameters())
-        if when == "after" or self._guard_state is None:
-            self._guard_state = [p.detach().clone() for _, p in params]
-            return
-        for (n, p), old in zip(params, self._guard_state):
-            if p.shape != old.shape or not torch.equal(p.detach(), old):
-                raise RuleNineError(f"{self.name}: the weight {n} changed outside loop.step / loop.writing "
-                                    f"(seen {when} round {self.round + 1}, step {self.step_in_round + 1})")
-
-    def end_guard(self) -> None:
-        """After the defense returned: no weight changed since its last step or write (the guard's last check)."""
-        self._check_guard("after the end of")
-
-    def read_guard(self, idx: Any) -> None:
-        """The data guard (``guard=True``): ``idx`` must be an index tensor :meth:`batches` handed out."""
-        if self.guard and not (isinstance(idx, Tensor) and self._yielded.get(id(idx)) is idx):
-            raise RuleNineError(f"{self.name}: the clean data was read with {type(idx).__name__} "
-                                f"{idx if not isinstance(idx, Tensor) else tuple(idx.shape)}, not with an index "
-                                "loop.batches handed out (DESIGN.md rule 9)")
 
     def log(self, **values: Any) -> None:
         """Record values for this round (tensors are read once, at the round's end)."""

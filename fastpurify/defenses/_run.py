@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from .. import backend as _backend
 from ..recipes import apply_recipe
 from . import _dist, _state
+from ._guard import GuardedData
 from ._inputs import CleanData, Normalize, check_eval, check_normalization, prepare
 from ._loop import EvalSet, Interrupted, Loop, PurifyResult, check_choice, check_positive
 from ._state import DivergenceError, PurificationError
@@ -354,35 +355,6 @@ def run_defense(name: str, algorithm: Callable[..., Optional[Dict[str, Any]]], c
     timings["images_per_s"] = n_images / timings["defense"] if timings.get("defense") else 0.0
     return PurifyResult(model=work, history=loop.history, timings=timings, status=loop.status, defense=name,
                         config=dataclasses.asdict(cfg), info=info, schedule=dict(loop.schedule))
-
-
-class _GuardedRows:
-    """The clean images (or labels) as the rule-9 guard shows them to a defense: readable only with an index
-    tensor ``loop.batches`` handed out; shape, device and dtype are free."""
-
-    def __init__(self, t: Tensor, loop: Loop) -> None:
-        self._t, self._loop = t, loop
-        self.shape, self.device, self.dtype = t.shape, t.device, t.dtype
-
-    def __getitem__(self, idx):
-        self._loop.read_guard(idx)
-        return self._t[idx]
-
-    def __len__(self) -> int:
-        return self._t.shape[0]
-
-
-class GuardedData:
-    """:class:`CleanData` behind the rule-9 guard (``FASTPURIFY_RULE9_GUARD=1``)."""
-
-    def __init__(self, data: CleanData, loop: Loop) -> None:
-        self.x = _GuardedRows(data.x, loop)
-        self.y = None if data.y is None else _GuardedRows(data.y, loop)
-        self.num_classes = data.num_classes
-        self._n = len(data)
-
-    def __len__(self) -> int:
-        return self._n
 
 
 def _eval_fn(evalset: Optional[EvalSet], net: nn.Module, data: CleanData, dev: torch.device, check_range: bool):
