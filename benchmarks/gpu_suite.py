@@ -22,7 +22,9 @@ stage says so in ``gpu_suite.json`` and ``gpu_suite.md``.
   masked_conv}.py -m gpu`` (the defense and budget files are left out: minutes each);
 - synthetic (45 s): ``fastpurify.bench.run_comparison`` of the five defenses on a PreActResNet18 backdoored on
   synthetic data (``BENCH_SETTINGS``: one round or a short schedule each);
-- real (60 s): the same on ``badnets`` and ``trojan_wm`` (2,500 clean images, all 10,000 test images; ``--data``).
+- real (60 s): the same on ``badnets`` and ``trojan_wm`` (2,500 clean images, all 10,000 test images; ``--data``);
+- scaling (60 s): with 2 or more GPUs, ``benchmarks/scaling.py`` over 1/2/4/8 of them (NCCL, one GPU per process,
+  the same global batches): seconds per round and agreement with one process (skipped on one GPU).
 
 Files, in ``--out`` (default ``benchmarks/results/<device>/``, the tag of ``benchmarks/_env.py``), each also copied
 to ``--mirror DIR`` when it is written; every one records the device name, torch, triton and CUDA versions and the
@@ -70,9 +72,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the repository, when fastpurify is not installed
 from _env import ROOT, device_tag  # noqa: E402
 
-STAGES = ("build", "tests", "ops", "synthetic", "real")
-MINIMUM = {"build": 60, "tests": 60, "ops": 45, "synthetic": 45, "real": 60}  # seconds a stage needs to be useful
-DRY_MINIMUM = {"build": 1, "tests": 5, "ops": 5, "synthetic": 5, "real": 5}
+STAGES = ("build", "tests", "ops", "synthetic", "real", "scaling")
+# seconds a stage needs to be useful
+MINIMUM = {"build": 60, "tests": 60, "ops": 45, "synthetic": 45, "real": 60, "scaling": 60}
+DRY_MINIMUM = {"build": 1, "tests": 5, "ops": 5, "synthetic": 5, "real": 5, "scaling": 1}
 OP_BENCHMARKS = [f"benchmarks/test_bench_{n}.py" for n in ("pgd", "universal", "dual_logit", "cg", "attack",
                                                            "masked_conv")]
 CHECKPOINTS = ("badnets", "trojan_wm")
@@ -258,6 +261,25 @@ def stage_ops(a, cap: float, out: Path) -> Dict[str, Any]:
     data["environment"] = environment(a.device)
     _write(out / "ops.json", json.dumps(data, indent=1, default=str), a.mirror)
     return rec
+
+
+def stage_scaling(a, cap: float, out: Path) -> Dict[str, Any]:
+    """The data-parallel scaling run (benchmarks/scaling.py, NCCL, one GPU per process) over 1, 2, 4, 8 GPUs (as
+    many as there are); skipped on one GPU and in a dry run (tests/test_distributed.py covers the CPU path)."""
+    import torch
+
+    count = 0 if a.dry_run else torch.cuda.device_count()
+    if count < 2:
+        return {"status": f"skipped: {count} GPU(s) (the scaling run needs 2 or more)", "seconds": 0}
+    procs = [p for p in (1, 2, 4, 8) if p <= count]
+    cmd = [sys.executable, str(Path(__file__).resolve().parent / "scaling.py"), "--device", "cuda", "--procs",
+           *map(str, procs), "--images", "2048", "--out", str(out)]
+    r = _run(cmd, cap, dict(os.environ))
+    for name in ("scaling.json", "scaling.md"):
+        if (out / name).exists():
+            _mirror(out / name, a.mirror)
+    return {"status": _status(r), "seconds": r["seconds"], "procs": procs,
+            "output_tail": r["output"][-3000:] if r["rc"] not in (0, None) else None}
 
 
 def _defense_child(a, stage: str, cap: float) -> Dict[str, Any]:
@@ -504,6 +526,8 @@ def main(argv=None) -> int:
                 rec = stage_tests(a, cap)
             elif name == "ops":
                 rec = stage_ops(a, cap, out)
+            elif name == "scaling":
+                rec = stage_scaling(a, cap, out)
             else:
                 rec = _defense_child(a, name, cap)
         except Exception as e:  # a broken stage must not take the later ones with it

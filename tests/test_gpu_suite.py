@@ -46,7 +46,7 @@ def test_dry_run_runs_every_stage(dry_run):
     doc = json.loads((out / "gpu_suite.json").read_text())
     assert doc["dry_run"] and ENV_KEYS <= set(doc["environment"])
     stages = doc["stages"]
-    assert list(stages) == ["build", "tests", "ops", "synthetic", "real"]
+    assert list(stages) == ["build", "tests", "ops", "synthetic", "real", "scaling"]
     build = stages["build"]
     assert build["status"] == "not run (dry run: no build)" and "--no-index" in build["command"]
     assert build["MAX_JOBS"].isdigit() and build["backends"]["extension"] is not None
@@ -59,6 +59,7 @@ def test_dry_run_runs_every_stage(dry_run):
         assert stages["real"]["finished"] == ["badnets:bcu", "trojan_wm:bcu"], stages["real"]
     else:
         assert stages["real"]["status"].startswith("skipped:"), stages["real"]
+    assert stages["scaling"]["status"] == "skipped: 0 GPU(s) (the scaling run needs 2 or more)"
     assert all(s["status"] in ("completed", "not run (dry run: no build)") or s["status"].startswith("skipped:")
                for s in stages.values()), stages
     assert "== real:" in stdout
