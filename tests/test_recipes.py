@@ -67,6 +67,23 @@ def test_published_recipe_is_the_default_run_bit_for_bit():
         assert torch.equal(va, vb), k
 
 
+def test_ibau_finetune_tail_runs_in_the_last_round_through_the_loop():
+    """The robust recipe's clean fine-tuning tail: only in the last round, logged, changes the model, and is a
+    checked option (0 keeps the published algorithm bit for bit: test_published_recipe_is_the_default_run...)."""
+    a = fastpurify.ibau(tiny_cnn(seed=0), (_X, _Y), epochs=2, progress=False, **_SMALL)
+    b = fastpurify.ibau(tiny_cnn(seed=0), (_X, _Y), epochs=2, progress=False, finetune_epochs=1, finetune_lr=1e-3,
+                        **_SMALL)
+    assert "finetune_loss" not in b.history[0] and b.history[1]["finetune_loss"] > 0
+    assert "finetune_loss" not in a.history[1]
+    assert b.history[0]["loss"] == a.history[0]["loss"]  # the rounds before the tail are the same run
+    assert any(not torch.equal(va, vb) for va, vb in zip(a.model.state_dict().values(), b.model.state_dict().values()))
+    for bad, match in (({"finetune_epochs": -1}, "finetune_epochs must be a non-negative integer"),
+                       ({"finetune_epochs": 1.5}, "finetune_epochs must be an integer"),
+                       ({"finetune_lr": 0}, "finetune_lr must be a positive number")):
+        with pytest.raises((ValueError, TypeError), match=match):
+            fastpurify.ibau(tiny_cnn(seed=0), (_X, _Y), progress=False, **bad)
+
+
 @pytest.mark.parametrize("bad", ["fast", "ROBUST", 1, None])
 def test_unknown_recipe_is_an_error_before_any_work(bad):
     m = tiny_cnn(seed=0)
