@@ -106,9 +106,9 @@ def test_a_dead_rank_fails_the_others(tmp_path):
     assert not (tmp_path / "x.pt").exists()
 
 
-def test_reference_and_baerase_refuse_to_run_distributed(monkeypatch):
-    """Inside a process group of 2 (faked: the checks run before any collective), the references and BAERASE say
-    what to do before any work."""
+def test_references_refuse_to_run_distributed(monkeypatch):
+    """Inside a process group of 2 (faked: the checks run before any collective), the references say what to do
+    before any work, and a bad ``distributed`` value is refused."""
     import torch.distributed as dist
 
     from fastpurify.reference.defenses.ibau import ibau as ref_ibau
@@ -120,8 +120,6 @@ def test_reference_and_baerase_refuse_to_run_distributed(monkeypatch):
     net, (x, y) = problem("ibau", 8)
     with pytest.raises(ValueError, match="reference implementation runs in one process"):
         ref_ibau(net, (x, y), progress=False)
-    with pytest.raises(ValueError, match="baerase: does not run data-parallel"):
-        fastpurify.baerase(net, (x, y), target=0, progress=False)
     with pytest.raises(TypeError, match="distributed must be"):
         fastpurify.ibau(net, (x, y), progress=False, distributed="yes")
     monkeypatch.setattr(dist, "is_initialized", lambda: False)

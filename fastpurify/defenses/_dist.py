@@ -244,3 +244,15 @@ def sync_batchnorm(module: nn.Module, group: Optional[Group]) -> Iterator[None]:
         yield
     finally:
         cls.forward = plain
+
+
+def differentiable_sum(t: Tensor, group: Optional[Group], what: str = "statistics all-reduce") -> Tensor:
+    """The SUM of ``t`` over the ranks, differentiable (:class:`_GlobalStats`: the backward is the SUM of the ranks'
+    gradients); ``t`` itself in one process (``group`` None). For losses built from global-batch statistics (BAERASE's
+    MINE bound): every rank computes the same global loss L from the summed statistics and backpropagates L / world
+    as its share (``loop.step(..., shares=True)``); the backward's SUM then gives each rank the one-process gradient
+    of its own rows, and the gradient all-reduce at ``loop.step`` the one-process gradient of the weights. Every rank
+    must call it (and backpropagate through it) in the same order: it is a collective."""
+    if group is None:
+        return t
+    return group._run(what, lambda: _GlobalStats.apply(t))

@@ -50,12 +50,6 @@ COMMON_OPTIONS = ("normalization", "num_classes", "epochs", "backend", "device",
                   "eval_every", "progress", "inplace", "check_range", "max_images", "checkpoint", "checkpoint_every",
                   "resume", "recipe", "distributed")
 
-#: Fast paths that do not run data-parallel yet, and why (checked before any work).
-NOT_DATA_PARALLEL = {
-    "baerase": "its MINE estimator's moving average and its generators' BatchNorm statistics are not yet reduced "
-               "over the ranks",
-}
-
 #: ``FASTPURIFY_RULE9_GUARD=1``: every run reads its data and changes its weights only through the loop helper,
 #: or fails with RuleNineError (the tests' check of DESIGN.md rule 9).
 GUARD_ENV = "FASTPURIFY_RULE9_GUARD"
@@ -292,9 +286,6 @@ def run_defense(name: str, algorithm: Callable[..., Optional[Dict[str, Any]]], c
         raise ValueError(f"{name}: the reference implementation runs in one process, and this one is rank "
                          f"{group.rank} of {group.world}: use the fast path (fastpurify.{name}) to run data-parallel, "
                          "or pass distributed=False to run the reference alone in every process")
-    if group is not None and name in NOT_DATA_PARALLEL:
-        raise ValueError(f"{name}: does not run data-parallel yet ({NOT_DATA_PARALLEL[name]}); run it in one "
-                         "process (or pass distributed=False to run it alone in every process)")
     user_device = _check_model(model, name)
     dev = _device(device, user_device)
     _backend.plan(name, tuple(ops(cfg) if callable(ops) else ops), backend, device_type=dev.type)
